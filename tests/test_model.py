@@ -1,0 +1,249 @@
+"Tests of minimind.model: attention, RoPE/YaRN, config loading, upstream names and sizes, the loss."
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimind.model import (PRESETS, Attention, MiniMindConfig, MiniMindForCausalLM, lm_loss, precompute_rope,
+                            rope_frequencies, yarn_frequencies, YARN_DEFAULT)
+
+
+def micro(**kw):
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(MiniMindConfig.from_preset("micro", **kw)).eval()
+
+
+def meta_model(name):
+    with torch.device("meta"): return MiniMindForCausalLM(MiniMindConfig.from_preset(name))
+
+
+# ---- attention: naive == SDPA (with GQA, with and without q/k norm) -------------------------------------------
+
+def naive_attention(attn, x, pos):
+    "Reference attention written out: projections, per-pair rotations, repeated kv heads, explicit causal softmax."
+    B, T, _ = x.shape
+    H, Hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = (x @ attn.q_proj.weight.T).view(B, T, H, d)
+    k = (x @ attn.k_proj.weight.T).view(B, T, Hkv, d)
+    v = (x @ attn.v_proj.weight.T).view(B, T, Hkv, d)
+    if attn.qk_norm:
+        def rms(t, w, eps): return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+        q, k = rms(q, attn.q_norm.weight, attn.q_norm.eps), rms(k, attn.k_norm.weight, attn.k_norm.eps)
+    freqs = rope_frequencies(d)
+    def rotate(t):  # t (B, T, heads, d): rotate each pair (i, i+d/2) by pos*freq_i
+        out = t.clone()
+        for i in range(d // 2):
+            a = pos[:, None] * freqs[i]                      # (T, 1)
+            x1, x2 = t[..., i], t[..., i + d // 2]
+            out[..., i], out[..., i + d // 2] = x1 * a.cos() - x2 * a.sin(), x1 * a.sin() + x2 * a.cos()
+        return out
+    q, k = rotate(q), rotate(k)
+    rep = H // Hkv
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, H * d)
+    return y @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_matches_naive(qk_norm):
+    cfg = MiniMindConfig.from_preset("micro", qk_norm=qk_norm, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    for p in attn.parameters(): torch.nn.init.normal_(p, 0, 0.2)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    cos, sin = precompute_rope(cfg.head_dim, 32, cfg.rope_theta)
+    with torch.no_grad():
+        got = attn(x, cos[:9], sin[:9])
+        want = naive_attention(attn, x, torch.arange(9).float())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+# ---- parameter counts --------------------------------------------------------------------------------------
+
+def test_parameter_counts_match_upstream():
+    assert meta_model("minimind2-small").num_parameters() == 25_829_888
+    assert meta_model("minimind3").num_parameters() == 63_912_192
+    assert round(meta_model("minimind2").num_parameters() / 1e6) == 104
+    assert 2.5e6 < meta_model("tiny").num_parameters() < 3.5e6
+
+
+def test_tied_embeddings_counted_once():
+    m = micro()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    untied = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", tie_word_embeddings=False))
+    assert untied.num_parameters() - m.num_parameters() == 512 * 64
+
+
+# ---- upstream state-dict names ------------------------------------------------------------------------------
+
+def upstream_state_dict(c):
+    "A state dict with upstream's names and shapes, built from the config alone (REFERENCE.md)."
+    h, qd, kvd, f = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    emb = torch.randn(c.vocab_size, h)
+    sd = {"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": torch.randn(h)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        sd.update({p + "input_layernorm.weight": torch.randn(h), p + "post_attention_layernorm.weight": torch.randn(h),
+                   p + "self_attn.q_proj.weight": torch.randn(qd, h), p + "self_attn.k_proj.weight": torch.randn(kvd, h),
+                   p + "self_attn.v_proj.weight": torch.randn(kvd, h), p + "self_attn.o_proj.weight": torch.randn(h, qd),
+                   p + "mlp.gate_proj.weight": torch.randn(f, h), p + "mlp.up_proj.weight": torch.randn(f, h),
+                   p + "mlp.down_proj.weight": torch.randn(h, f)})
+        if c.qk_norm:
+            sd.update({p + "self_attn.q_norm.weight": torch.randn(c.head_dim), p + "self_attn.k_norm.weight": torch.randn(c.head_dim)})
+    return sd
+
+
+@pytest.mark.parametrize("name", ["minimind2-small", "minimind3"])
+def test_state_dict_names_are_upstreams(name):
+    with torch.device("meta"): want = upstream_state_dict(MiniMindConfig.from_preset(name))
+    got = meta_model(name).state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(got[k].shape == want[k].shape for k in want)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_upstream_state_dict_loads_strict(qk_norm):
+    c = MiniMindConfig.from_preset("micro", qk_norm=qk_norm)
+    m = MiniMindForCausalLM(c)
+    sd = upstream_state_dict(c)
+    m.load_state_dict(sd, strict=True)
+    assert torch.equal(m.model.layers[1].mlp.down_proj.weight, sd["model.layers.1.mlp.down_proj.weight"])
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    bad = dict(sd); bad["model.layers.0.mlp.extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError): m.load_state_dict(bad, strict=True)
+
+
+# ---- config.json of both generations ------------------------------------------------------------------------
+
+V2_JSON = {"architectures": ["MiniMindForCausalLM"], "auto_map": {"AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"},
+           "aux_loss_alpha": 0.1, "bos_token_id": 1, "dropout": 0.0, "eos_token_id": 2, "flash_attn": True,
+           "hidden_act": "silu", "hidden_size": 768, "intermediate_size": None, "max_position_embeddings": 32768,
+           "model_type": "minimind", "n_routed_experts": 4, "n_shared_experts": 1, "norm_topk_prob": True,
+           "num_attention_heads": 8, "num_experts_per_tok": 2, "num_hidden_layers": 16, "num_key_value_heads": 2,
+           "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "scoring_func": "softmax", "seq_aux": True,
+           "torch_dtype": "float32", "transformers_version": "4.48.0", "use_moe": False, "vocab_size": 6400,
+           "inference_rope_scaling": False, "rope_scaling": None}
+V3_JSON = {"architectures": ["MiniMindForCausalLM"], "model_type": "minimind", "bos_token_id": 1, "eos_token_id": 2,
+           "dropout": 0.0, "flash_attn": True, "head_dim": 96, "hidden_act": "silu", "hidden_size": 768,
+           "intermediate_size": 2432, "max_position_embeddings": 32768, "moe_intermediate_size": 2432,
+           "norm_topk_prob": True, "num_attention_heads": 8, "num_experts": 4, "num_experts_per_tok": 1,
+           "num_hidden_layers": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+           "router_aux_loss_coef": 0.0005, "tie_word_embeddings": True, "use_moe": False, "vocab_size": 6400,
+           "inference_rope_scaling": True, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 16,
+           "original_max_position_embeddings": 2048, "attention_factor": 1.0, "type": "yarn"},
+           "dtype": "bfloat16", "transformers_version": "5.0.0", "use_cache": True}
+
+
+def test_config_accepts_minimind2_json():
+    c = MiniMindConfig(**V2_JSON)
+    assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.head_dim, c.qk_norm) == (768, 16, 2048, 96, False)
+    assert (c.n_routed_experts, c.n_shared_experts, c.aux_loss_alpha, c.rms_norm_eps) == (4, 1, 0.1, 1e-5)
+    assert c.hf_meta["torch_dtype"] == "float32"
+    assert c == MiniMindConfig.from_preset("minimind2", aux_loss_alpha=0.1)
+
+
+def test_config_accepts_minimind3_json():
+    c = MiniMindConfig(**V3_JSON)
+    assert (c.qk_norm, c.head_dim, c.num_key_value_heads, c.rms_norm_eps) == (True, 96, 4, 1e-6)
+    assert (c.num_experts, c.n_routed_experts, c.n_shared_experts, c.router_aux_loss_coef) == (4, 4, 0, 5e-4)
+    assert c.rope_scaling["factor"] == 16
+    assert c.to_dict() == MiniMindConfig.from_preset("minimind3", inference_rope_scaling=True).to_dict()
+    with torch.device("meta"): assert MiniMindForCausalLM(c).num_parameters() == 63_912_192
+
+
+def test_config_rejects_unknown_key():
+    with pytest.raises(TypeError, match="num_layers"): MiniMindConfig(**V2_JSON, num_layers=8)
+    with pytest.raises(ValueError, match="contradicts"): MiniMindConfig(num_experts=4, n_routed_experts=8)
+    with pytest.raises(ValueError, match="multiple"): MiniMindConfig(num_attention_heads=8, num_key_value_heads=3)
+    with pytest.raises(KeyError): MiniMindConfig.from_preset("minimind9")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_config_round_trips(name):
+    c = MiniMindConfig.from_preset(name)
+    d = c.to_dict()
+    assert MiniMindConfig(**d) == c and MiniMindConfig(**d).to_dict() == d
+
+
+# ---- the loss -----------------------------------------------------------------------------------------------
+
+def test_loss_ignores_minus_100():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 8, 50), torch.randint(0, 50, (2, 8))
+    labels = ids.clone(); labels[0, :5] = -100; labels[1, 6] = -100
+    keep = labels[:, 1:] != -100
+    want = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(lm_loss(logits, labels), want)
+    # logits that predict an ignored target do not matter ...
+    noisy = logits.clone(); noisy[0, :4] += 5 * torch.randn(4, 50); noisy[1, 5] += 5 * torch.randn(50)
+    assert torch.equal(lm_loss(noisy, labels), lm_loss(logits, labels))
+    # ... while the ones predicting a trained target do
+    noisy[0, 4] += 5 * torch.randn(50)
+    assert not torch.equal(lm_loss(noisy, labels), lm_loss(logits, labels))
+    # a batch with no trained position gives 0, not NaN
+    assert lm_loss(logits, torch.full_like(ids, -100)).item() == 0.0
+
+
+def test_model_loss_and_aux():
+    m = micro()
+    ids = torch.randint(0, 512, (2, 12))
+    labels = ids.clone(); labels[:, :5] = -100
+    out = m(ids, labels=labels)
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, labels))
+    assert out.aux_loss.shape == () and out.aux_loss.item() == 0.0
+    assert abs(m(ids, labels=ids).loss.item() - math.log(512)) < 0.3   # init: about uniform
+
+
+def test_left_padding_matches_unpadded():
+    m = micro()
+    ids = torch.randint(3, 512, (1, 7))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 7)], 1).long()
+    with torch.no_grad():
+        torch.testing.assert_close(m(padded, attention_mask=mask).logits[:, 4:], m(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_moe_layers_built_lazily_and_aux_summed(monkeypatch):
+    "With use_moe the block imports minimind.moe.MoEFeedForward when built, and the model sums its aux losses."
+    class FakeMoE(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+                                                for _ in range(config.n_routed_experts)])
+        def forward(self, x):
+            self.aux_loss = x.new_tensor(0.25)
+            return self.experts[0](x)
+    monkeypatch.setitem(sys.modules, "minimind.moe", types.SimpleNamespace(MoEFeedForward=FakeMoE))
+    m = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", use_moe=True, n_routed_experts=4, num_experts_per_tok=1))
+    out = m(torch.randint(0, 512, (1, 5)))
+    assert out.aux_loss.item() == pytest.approx(0.25 * 2)
+    per_expert = 64 * 64
+    assert m.num_parameters() - m.num_parameters(active=True) == 2 * 3 * per_expert
+
+
+# ---- RoPE / YaRN --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_yarn_keeps_fast_dims_and_slows_slow_ones(head_dim):
+    base, yarn = rope_frequencies(head_dim), yarn_frequencies(head_dim, 1e6, YARN_DEFAULT)
+    ratio = yarn / base
+    turns = 2048 * base / (2 * math.pi)                   # full turns of each pair over the original window
+    torch.testing.assert_close(ratio[turns > 32], torch.ones(int((turns > 32).sum())))
+    torch.testing.assert_close(ratio[turns < 1], torch.full((int((turns < 1).sum()),), 1 / 16))
+    assert (turns > 32).any() and (turns < 1).any()
+    assert torch.all(ratio[1:] <= ratio[:-1] + 1e-7)     # monotone ramp between
+
+
+def test_yarn_only_beyond_original_window():
+    c1, s1 = precompute_rope(64, 1024, 1e6, YARN_DEFAULT)
+    c0, s0 = precompute_rope(64, 1024, 1e6, None)
+    assert torch.equal(c1, c0) and torch.equal(s1, s0)
+    c2, _ = precompute_rope(64, 4096, 1e6, YARN_DEFAULT)
+    assert not torch.equal(c2[:1024], c0)
+    c = MiniMindConfig.from_preset("micro", inference_rope_scaling=True, max_position_embeddings=4096)
+    assert torch.equal(MiniMindForCausalLM(c).model.freqs_cos, precompute_rope(c.head_dim, 4096, 1e6, YARN_DEFAULT)[0])
