@@ -9,10 +9,12 @@ Docs: https://minimind-book.github.io/minimind/model.html.md"""
 __all__ = ['YARN_DEFAULT', 'CONFIG_DEFAULTS', 'CONFIG_DEFAULTS_V3', 'CONFIG_ALIASES', 'V3_MARKERS', 'HF_META_KEYS', 'ACTIVATIONS',
            'PRESETS', 'ffn_width_v2', 'ffn_width_v3', 'MiniMindConfig', 'RMSNorm', 'rope_frequencies', 'apply_rope',
            'sign_fold', 'yarn_frequencies', 'precompute_rope', 'Attention', 'FeedForward', 'MiniMindBlock',
-           'attention_mask_4d', 'MiniMindModel', 'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM']
+           'attention_mask_4d', 'MiniMindModel', 'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM', 'fuse_linears',
+           'fused_projections']
 
 # %% ../nbs/02_model.ipynb #8bb3e315
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,8 @@ CONFIG_DEFAULTS = dict(  # MiniMind2 defaults, field -> value
     bos_token_id=1, eos_token_id=2, pad_token_id=0,
     # mixture of experts (used when use_moe; the layer itself comes from chapter 03)
     use_moe=False, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=None,
-    scoring_func="softmax", aux_loss_alpha=0.01, seq_aux=True, norm_topk_prob=True)
+    scoring_func="softmax", aux_loss_alpha=0.01, seq_aux=True, norm_topk_prob=True,
+    moe_bias_update_rate=0.0)  # > 0: auxiliary-loss-free balancing (chapter 03), our own field
 
 CONFIG_DEFAULTS_V3 = {**CONFIG_DEFAULTS, **dict(  # minimind-3 defaults where they differ
     hidden_size=768, num_key_value_heads=4, rms_norm_eps=1e-6, qk_norm=True,
@@ -215,6 +218,7 @@ class Attention(nn.Module):
         if c.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps), RMSNorm(c.head_dim, c.rms_norm_eps)
         self.qk_norm, self.dropout = c.qk_norm, c.dropout
+        self.fused_qkv = None  # inference only: x -> [q | k | v] in one product, set by `fused_projections`
 
     def forward(self, x:torch.Tensor, # (B, T, C)
                 cos:torch.Tensor, # (T, head_dim) or (B, 1, T, head_dim): RoPE rows of these positions
@@ -223,9 +227,11 @@ class Attention(nn.Module):
                 cache=None, # KV cache (see above) or None
                )->torch.Tensor: # (B, T, C)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        if self.fused_qkv is None or self.training: q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else: q, k, v = self.fused_qkv(x).split([self.n_heads * self.head_dim] + 2 * [self.n_kv_heads * self.head_dim], -1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         if self.qk_norm: q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None: k, v = cache.update(self.layer_idx, k, v)                # (B, Hkv, S, d)
@@ -252,10 +258,13 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, n, bias=False)
         self.down_proj = nn.Linear(n, config.hidden_size, bias=False)
         self.act_fn, self.dropout = ACTIVATIONS[config.hidden_act], config.dropout
+        self.fused_gate_up = None  # inference only: x -> [gate | up] in one product, set by `fused_projections`
 
     def forward(self, x:torch.Tensor, # (B, T, C)
                )->torch.Tensor: # (B, T, C)
-        y = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is None or self.training: g, u = self.gate_proj(x), self.up_proj(x)
+        else: g, u = self.fused_gate_up(x).chunk(2, -1)
+        y = self.down_proj(self.act_fn(g) * u)
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 # %% ../nbs/02_model.ipynb #8e93992e
@@ -391,3 +400,31 @@ class MiniMindForCausalLM(nn.Module):
                 per_expert = sum(p.numel() for p in l.mlp.experts[0].parameters())
                 n -= (len(l.mlp.experts) - self.config.num_experts_per_tok) * per_expert
         return n
+
+# %% ../nbs/02_model.ipynb #39cfba8e
+def fuse_linears(layers:list[nn.Module], # bias-free projections of the same input, all of one class
+                )->object: # a callable x -> their outputs side by side, or None when they cannot be fused
+    "One matrix product in place of several: `nn.Linear` weights stacked row-wise, or the class's own `fuse`."
+    kinds = {type(l) for l in layers}
+    if len(kinds) != 1: return None
+    kind = kinds.pop()
+    if kind is nn.Linear and all(l.bias is None for l in layers):
+        with torch.inference_mode(False): w = torch.cat([l.weight.detach() for l in layers])  # (sum of outs, in)
+        return lambda x: F.linear(x, w)
+    return kind.fuse(layers).forward if hasattr(kind, "fuse") else None
+
+@contextmanager
+def fused_projections(model:nn.Module, # a MiniMind model (used in eval mode while inside)
+                     ):
+    "Inside the block, eval-mode attention and feed-forward layers compute q|k|v and gate|up with one product each."
+    installed = []
+    for m in model.modules():
+        if isinstance(m, Attention): name, parts = "fused_qkv", [m.q_proj, m.k_proj, m.v_proj]
+        elif isinstance(m, FeedForward): name, parts = "fused_gate_up", [m.gate_proj, m.up_proj]
+        else: continue
+        if getattr(m, name) is not None: continue    # an enclosing block already fused it
+        fused = fuse_linears(parts)
+        if fused is not None: setattr(m, name, fused); installed.append((m, name))
+    try: yield model
+    finally:
+        for m, name in installed: setattr(m, name, None)

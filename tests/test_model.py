@@ -247,3 +247,26 @@ def test_yarn_only_beyond_original_window():
     assert not torch.equal(c2[:1024], c0)
     c = MiniMindConfig.from_preset("micro", inference_rope_scaling=True, max_position_embeddings=4096)
     assert torch.equal(MiniMindForCausalLM(c).model.freqs_cos, precompute_rope(c.head_dim, 4096, 1e6, YARN_DEFAULT)[0])
+
+
+# ---- fused projections (inference) ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_projections_same_logits_and_temporary(qk_norm):
+    from minimind.model import fused_projections
+    torch.manual_seed(0)
+    m = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", qk_norm=qk_norm)).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    keys = sorted(m.state_dict())
+    with torch.no_grad():
+        plain = m(ids).logits
+        with fused_projections(m):
+            attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+            assert attn.fused_qkv is not None and mlp.fused_gate_up is not None
+            torch.testing.assert_close(m(ids).logits, plain, atol=1e-5, rtol=1e-5)
+            assert sorted(m.state_dict()) == keys
+            with torch.no_grad(): m.model.layers[0].self_attn.q_proj.weight.add_(1.0)   # training would change weights...
+            m.train()                                                                   # ...and in train mode the
+            assert not torch.allclose(m(ids).logits, plain)                             # fused copies are not used
+            m.eval()
+    assert m.model.layers[0].self_attn.fused_qkv is None and m.model.layers[0].mlp.fused_gate_up is None
