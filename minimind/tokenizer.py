@@ -7,10 +7,13 @@ Docs: https://minimind-book.github.io/minimind/tokenizer.html.md"""
 # %% auto #0
 __all__ = ['PAD', 'BOS', 'EOS', 'SPECIAL_TOKENS', 'RESERVED_TOKENS', 'N_BYTES', 'DEFAULT_SYSTEM_PROMPT', 'CHAT_TEMPLATE', 'ROLES',
            'byte_level_bpe', 'check_messages', 'render_chat_template', 'MiniMindTokenizer', 'train_tokenizer',
-           'texts_from_jsonl']
+           'texts_from_jsonl', 'tinyworld_tokenizer']
 
 # %% ../nbs/01_tokenizer.ipynb #5ccd7a6b
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from functools import lru_cache
@@ -21,7 +24,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .data import read_jsonl, sniff_kind
+from .data import cache_dir, read_jsonl, sniff_kind, tinyworld
 
 # %% ../nbs/01_tokenizer.ipynb #21f1fbd9
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -228,3 +231,19 @@ def texts_from_jsonl(paths:str|Path|Iterable, # one JSONL file or several
             for m in rec.get("conversations") or rec.get("chosen") or []:
                 for key in ("content", "reasoning_content"):
                     if isinstance(m.get(key), str) and m[key]: yield m[key]
+
+# %% ../nbs/01_tokenizer.ipynb #507d779a
+def tinyworld_tokenizer(small:bool=False, # the small test tokenizer (vocab 1024, a tenth of TinyWorld)
+                       )->Path: # the tokenizer's folder
+    "The folder of the TinyWorld tokenizer this chapter saves, trained the same way if it is missing."
+    out = cache_dir()/"tokenizer"/("tinyworld-test" if small else "tinyworld")
+    if (out/"tokenizer_config.json").is_file(): return out
+    tw = tinyworld(seed=0, scale=0.1 if small else 1.0)
+    tok = train_tokenizer(texts_from_jsonl([tw/f"{n}.jsonl" for n in ("pretrain", "sft", "reason")]),
+                          vocab_size=1024 if small else 6400)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    tok.save(tmp)
+    try: os.rename(tmp, out)
+    except OSError: shutil.rmtree(tmp, ignore_errors=True) # another process saved it first
+    return out
