@@ -1,0 +1,39 @@
+"The installed package needs only its runtime requirements: no module imports a dev-only package."
+import configparser
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import minimind
+
+ROOT = Path(__file__).parents[1]
+cfg = configparser.ConfigParser(delimiters=["="])
+cfg.read(ROOT/"settings.ini", encoding="utf-8")
+RUNTIME = set(cfg["DEFAULT"]["requirements"].split())
+DEV = {r.split(">")[0].split("=")[0] for r in cfg["DEFAULT"]["dev_requirements"].split()}
+# dev requirements and what they bring along (nbdev brings fastcore, execnb, IPython), unless the package needs it
+DEV_ONLY = (DEV | {"fastcore", "execnb", "IPython", "fastprogress", "wandb"}) - RUNTIME
+MODULES = sorted(m.name for m in pkgutil.iter_modules(minimind.__path__) if not m.name.startswith("_"))
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED: raise ImportError(f"dev-only package imported: {{name}}")
+BLOCKED = {blocked!r}
+sys.meta_path.insert(0, Block())
+import minimind.{module}
+"""
+
+def test_dev_only_packages_are_known():
+    assert {"nbdev", "transformers", "matplotlib", "hypothesis"} <= DEV_ONLY
+    assert {"data", "tokenizer", "model", "engine", "train"} <= set(MODULES)
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_imports_without_dev_packages(module):
+    code = BLOCKER.format(blocked=DEV_ONLY, module=module)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
