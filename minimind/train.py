@@ -218,9 +218,8 @@ def init_distributed(ctx:DistContext, # this process's place
                     )->None:
     "Start the process group when running under `torchrun` with more than one process."
     if ctx.world_size == 1: return
-    import torch, torch.distributed as dist
-    if torch.cuda.is_available(): torch.cuda.set_device(ctx.local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from minimind.engine import dist_info  # the engine's one place that picks the device and backend
+    dist_info()
 
 def barrier(ctx:DistContext): # this process's place
     "Wait for every process (a no-op for a single process)."
