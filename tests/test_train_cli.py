@@ -69,3 +69,9 @@ def test_torchrun_two_processes_write_the_same_tokenizer_once(tmp_path, small_ru
     ours = json.loads((tmp_path/"tokenizer"/"tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
     single = json.loads((run/"tokenizer"/"tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
     assert ours == single
+
+def test_run_dir_before_the_stage_is_kept(tmp_path):
+    "`--run-dir X STAGE` and `STAGE --run-dir X` both write into X (a sub-command default must not win)."
+    out = run_cli("--run-dir", tmp_path/"before", "data", "--scale", "0.01", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path/"before"/"data"/"sft.jsonl").exists() and not (tmp_path/"runs").exists()
