@@ -6,7 +6,9 @@ Docs: https://minimind-book.github.io/minimind/bench.html.md"""
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'linear_weights', 'matmul_pass_seconds', 'decode_step_seconds', 'measure_decode', 'token_windows',
-           'perplexity', 'tinyworld_tok', 'tinyworld_lm', 'decode_report', 'format_decode_report', 'main']
+           'perplexity', 'tinyworld_tok', 'tinyworld_lm', 'decode_report', 'format_decode_report', 'random_batches',
+           'engine_trainer', 'load_upstream', 'upstream_model', 'upstream_step', 'step_seconds', 'train_report',
+           'format_train_report', 'main']
 
 # %% ../nbs/95_bench.ipynb #7df13208
 import argparse
@@ -194,6 +196,121 @@ def format_decode_report(r:dict, # from `decode_report`
     return "\n".join(lines)
 
 # %% ../nbs/95_bench.ipynb #fd90b4f9
+def random_batches(vocab_size:int, # token ids are drawn from [3, vocab_size)
+                   batch:int, seq_len:int, # rows B and tokens per row T
+                   n:int=4, # how many batches
+                   seed:int=0, # for the ids
+                  )->list[dict]: # {"input_ids": (B, T), "labels": (B, T)}, labels pre-shifted as in `PackedDataset`
+    "Random token rows for timing training steps."
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, vocab_size, (batch, seq_len + 1), generator=g) for _ in range(n)]
+    return [{"input_ids": r[:, :-1], "labels": r[:, 1:]} for r in rows]
+
+def engine_trainer(model:torch.nn.Module, # the model to train (fp32)
+                   out_dir, # where the (unused) checkpoints would go
+                   compile:bool=False, # `torch.compile` the model, as `--compile` does
+                  )->"Trainer": # the book's engine, set up as `python -m minimind.train pretrain` sets it up
+    "A `Trainer` for timing single optimizer steps (fp32, no accumulation, no evaluation)."
+    from minimind.engine import Trainer, TrainConfig, causal_lm_loss
+    data = [{k: v[0] for k, v in b.items()} for b in random_batches(model.config.vocab_size, 1, 8)]  # steps are fed by hand
+    model.train()
+    return Trainer(model, data, causal_lm_loss, TrainConfig(out_dir=out_dir, steps=10**6, micro_batch=1, dtype="fp32",
+                                                            progress=False, compile=compile))
+
+def load_upstream(upstream_dir, # a clone of github.com/jingyaogong/minimind
+                 ):
+    "Import upstream's `model/model_minimind.py` (it needs `transformers`)."
+    import importlib.util
+    from pathlib import Path
+    path = Path(upstream_dir)/"model"/"model_minimind.py"
+    if not path.exists(): raise FileNotFoundError(f"{path} not found: --upstream takes a clone of jingyaogong/minimind")
+    spec = importlib.util.spec_from_file_location("upstream_model_minimind", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+def upstream_model(mod, # from `load_upstream`
+                   config:MiniMindConfig, # the sizes to build (a dense preset)
+                  )->torch.nn.Module: # upstream's `MiniMindForCausalLM`, in training mode
+    "Upstream's model with our preset's sizes."
+    c = config
+    m = mod.MiniMindForCausalLM(mod.MiniMindConfig(
+        hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings))
+    return m.train()
+
+def upstream_step(model:torch.nn.Module, # from `upstream_model`
+                  opt:torch.optim.Optimizer, # `torch.optim.AdamW(model.parameters())`, as upstream builds it
+                  batch:dict, # from `random_batches`
+                  lr:float=5e-4, # set on every step, as upstream's loop does
+                 ):
+    "One step of upstream's pretraining loop on a CPU (no autocast, GradScaler disabled, no accumulation)."
+    for g in opt.param_groups: g["lr"] = lr
+    res = model(batch["input_ids"], labels=batch["input_ids"])  # upstream's model shifts the labels itself
+    (res.loss + res.aux_loss).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+def step_seconds(step, # `step(batch)` runs one optimizer step
+                 batches:list[dict], # the batches, one per step
+                )->float: # seconds per step
+    "Mean seconds per step over `batches`."
+    t = time.perf_counter()
+    for b in batches: step(b)
+    return (time.perf_counter() - t) / len(batches)
+
+# %% ../nbs/95_bench.ipynb #d611d465
+def train_report(preset:str="minimind2-small", # model preset (random init)
+                 batch:int=4, seq_len:int=512, # rows and tokens per step
+                 upstream:str|None=None, # a clone of upstream MiniMind to compare with, or None
+                 rounds:int=3, # interleaved rounds (medians)
+                 steps:int=2, # steps per round
+                 threads:int|None=None, # torch threads (default: as set)
+                 compile:bool=False, # `torch.compile` both models (upstream's `--use_compile 1`); compiling is not timed
+                )->dict: # {"rows": [{"name", "tok_s", "mfu", "s_per_step"}...], "peak_flops", ...}
+    "Training tokens/s and MFU of the book's engine (and of upstream's model and loop) on this machine."
+    import tempfile
+    from minimind.engine import flops_per_token, measure_peak_flops
+    if threads: torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    config = MiniMindConfig.from_preset(preset)
+    torch.manual_seed(0)
+    ours = MiniMindForCausalLM(config)
+    trainer = engine_trainer(ours, tempfile.mkdtemp(), compile)
+    steps_fn = {"minimind (engine)": lambda b: trainer._train_step([b])}  # exactly the step `Trainer.fit` runs
+    if upstream:
+        um = upstream_model(load_upstream(upstream), config)
+        uopt = torch.optim.AdamW(um.parameters(), lr=5e-4)
+        uc = torch.compile(um) if compile else um  # upstream compiles the model it trains, as we do
+        steps_fn["upstream (model + loop)"] = lambda b: upstream_step(uc, uopt, b)
+    batches = random_batches(config.vocab_size, batch, seq_len, n=steps)
+    for step in steps_fn.values(): step(batches[0]), step(batches[-1])  # warm-up (and compilation)
+    times = {k: [] for k in steps_fn}
+    for _ in range(rounds):
+        for name, step in steps_fn.items(): times[name].append(step_seconds(step, batches))
+    peak, fpt = measure_peak_flops(torch.device("cpu")), flops_per_token(ours, seq_len)
+    rows = []
+    for name, ts in times.items():
+        s = statistics.median(ts)
+        rows.append({"name": name, "s_per_step": s, "tok_s": batch * seq_len / s, "mfu": fpt * batch * seq_len / s / peak})
+    return {"preset": preset, "batch": batch, "seq_len": seq_len, "threads": torch.get_num_threads(), "rows": rows, "compile": compile,
+            "peak_flops": peak, "flops_per_token": fpt, "load": [load_before, os.getloadavg()]}
+
+def format_train_report(r:dict, # from `train_report`
+                       )->str: # a Markdown table and notes
+    "The report as Markdown."
+    lines = ["| training loop | s/step | tokens/s | MFU |", "|---|---|---|---|"]
+    for x in r["rows"]: lines.append(f"| {x['name']} | {x['s_per_step']:.2f} | {x['tok_s']:,.0f} | {x['mfu']:.0%} |")
+    if len(r["rows"]) == 2: lines.append(f"\nminimind / upstream: {r['rows'][0]['tok_s'] / r['rows'][1]['tok_s']:.2f}x tokens/s.")
+    (a, b, c), (d, e, f) = r["load"]
+    lines.append(f"\n{r['preset']}, fp32{', torch.compile' if r['compile'] else ''}, batch {r['batch']} x {r['seq_len']} tokens, {r['threads']} threads; "
+                 f"{r['flops_per_token'] / 1e6:.0f} MFLOP per token; measured matmul peak {r['peak_flops'] / 1e9:.0f} GFLOP/s; "
+                 f"load average {a:.1f} {b:.1f} {c:.1f} before, {d:.1f} {e:.1f} {f:.1f} after.")
+    return "\n".join(lines)
+
+# %% ../nbs/95_bench.ipynb #c3752342
 def _decode_args(p:argparse.ArgumentParser):
     p.add_argument("--preset", default="minimind2-small", help="model preset (random weights)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes")
@@ -209,7 +326,26 @@ def _decode_run(args:argparse.Namespace)->dict:
     print(json.dumps(r, indent=1) if args.json else format_decode_report(r))
     return r
 
-SUBCOMMANDS = {"decode": ("decode speed vs the weight-streaming bound; int8; perplexity", _decode_args, _decode_run)}  # name -> (help, add_args, run)
+def _train_args(p:argparse.ArgumentParser):
+    p.add_argument("--preset", default="minimind2-small", help="model preset (random init)")
+    p.add_argument("--batch", type=int, default=4, help="rows per step")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    p.add_argument("--upstream", default=None, metavar="DIR", help="a clone of jingyaogong/minimind: also time its model and loop")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; medians are reported")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps timed per round")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (compilation is not timed)")
+    p.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
+
+def _train_run(args:argparse.Namespace)->dict:
+    r = train_report(args.preset, args.batch, args.seq_len, args.upstream, args.rounds, args.steps, args.threads, args.compile)
+    print(json.dumps(r, indent=1) if args.json else format_train_report(r))
+    return r
+
+SUBCOMMANDS = {  # name -> (help, add_args, run)
+    "decode": ("decode speed vs the weight-streaming bound; int8; perplexity", _decode_args, _decode_run),
+    "train": ("training tokens/s and MFU of the engine (and of upstream's model and loop)", _train_args, _train_run),
+}
 
 def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[1:]`)
         )->dict: # what the subcommand returned

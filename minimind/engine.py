@@ -281,7 +281,8 @@ class Trainer:
         self.model = model.to(self.device)  # fp32 master weights
         groups = param_groups(model, config.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=self.device.type == "cuda")
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
+                                     fused=self.device.type in ("cuda", "cpu"))  # one kernel for all parameters
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.global_batch = config.micro_batch * config.accum * self.world
         self.sampler_args = dict(n=len(train_data), micro_batch=config.micro_batch, accum=config.accum,

@@ -8,9 +8,9 @@ Docs: https://minimind-book.github.io/minimind/model.html.md"""
 # %% auto #0
 __all__ = ['YARN_DEFAULT', 'CONFIG_DEFAULTS', 'CONFIG_DEFAULTS_V3', 'CONFIG_ALIASES', 'V3_MARKERS', 'HF_META_KEYS', 'ACTIVATIONS',
            'PRESETS', 'ffn_width_v2', 'ffn_width_v3', 'MiniMindConfig', 'RMSNorm', 'rope_frequencies', 'apply_rope',
-           'sign_fold', 'yarn_frequencies', 'precompute_rope', 'Attention', 'FeedForward', 'MiniMindBlock',
-           'attention_mask_4d', 'MiniMindModel', 'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM', 'fuse_linears',
-           'fused_projections']
+           'sign_fold', 'yarn_frequencies', 'precompute_rope', 'joint_linear', 'Attention', 'FeedForward',
+           'MiniMindBlock', 'attention_mask_4d', 'MiniMindModel', 'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM',
+           'fuse_linears', 'fused_projections']
 
 # %% ../nbs/02_model.ipynb #8bb3e315
 import math
@@ -204,6 +204,14 @@ def precompute_rope(head_dim:int, # channels per head
     return ang.cos() * gain, sign_fold(ang.sin()) * gain
 
 # %% ../nbs/02_model.ipynb #fe96f71d
+def joint_linear(x:torch.Tensor, # (..., C) the shared input
+                 layers:list[nn.Module], # projections of x
+                )->torch.Tensor: # (..., sum of outputs) their outputs side by side
+    "Several projections of `x` from one product of their stacked weights when they are bias-free `nn.Linear`s."
+    if all(type(l) is nn.Linear and l.bias is None for l in layers): return F.linear(x, torch.cat([l.weight for l in layers]))
+    return torch.cat([l(x) for l in layers], -1)
+
+# %% ../nbs/02_model.ipynb #af4e53a6
 class Attention(nn.Module):
     "Grouped-query self-attention with RoPE, optional q/k RMSNorm and an optional KV cache."
     def __init__(self, config:MiniMindConfig, # model settings
@@ -220,6 +228,14 @@ class Attention(nn.Module):
         self.qk_norm, self.dropout = c.qk_norm, c.dropout
         self.fused_qkv = None  # inference only: x -> [q | k | v] in one product, set by `fused_projections`
 
+    def project_qkv(self, x:torch.Tensor, # (B, T, C)
+                   )->torch.Tensor: # (B, T, (H + 2 Hkv) * head_dim): q | k | v side by side
+        "One product while training (`joint_linear`) or when fused for inference; three otherwise."
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        if self.training: return joint_linear(x, parts)
+        if self.fused_qkv is not None: return self.fused_qkv(x)
+        return torch.cat([p(x) for p in parts], -1)
+
     def forward(self, x:torch.Tensor, # (B, T, C)
                 cos:torch.Tensor, # (T, head_dim) or (B, 1, T, head_dim): RoPE rows of these positions
                 sin:torch.Tensor, # same shape as cos
@@ -227,8 +243,7 @@ class Attention(nn.Module):
                 cache=None, # KV cache (see above) or None
                )->torch.Tensor: # (B, T, C)
         B, T, _ = x.shape
-        if self.fused_qkv is None or self.training: q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else: q, k, v = self.fused_qkv(x).split([self.n_heads * self.head_dim] + 2 * [self.n_kv_heads * self.head_dim], -1)
+        q, k, v = self.project_qkv(x).split([self.n_heads * self.head_dim] + 2 * [self.n_kv_heads * self.head_dim], -1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
@@ -262,8 +277,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x:torch.Tensor, # (B, T, C)
                )->torch.Tensor: # (B, T, C)
-        if self.fused_gate_up is None or self.training: g, u = self.gate_proj(x), self.up_proj(x)
-        else: g, u = self.fused_gate_up(x).chunk(2, -1)
+        if self.training: g, u = joint_linear(x, [self.gate_proj, self.up_proj]).chunk(2, -1)
+        elif self.fused_gate_up is not None: g, u = self.fused_gate_up(x).chunk(2, -1)
+        else: g, u = self.gate_proj(x), self.up_proj(x)
         y = self.down_proj(self.act_fn(g) * u)
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
