@@ -1,0 +1,183 @@
+"The chat program: finding models, think traces while streaming, multi-turn sessions, the command line, the widget."
+import copy
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minimind.chat import (ChatSession, ChatWidget, ThinkSplitter, load_chat_model, print_reply, repl, resolve_model,
+                           split_think)
+from minimind.data import THINK_RE, read_jsonl, tinyworld
+from minimind.generate import generate_text
+from minimind.hub import save_pth
+from minimind.train import ensure_stage
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    "The book's quick pretrained model folder (trained on first use, a few seconds)."
+    return ensure_stage("pretrain", quick=True) / "model"
+
+
+@pytest.fixture(scope="module")
+def cm(model_dir):
+    return load_chat_model(model_dir)
+
+
+def fake_run(tmp_path, model_dir, finished, unfinished=()):
+    "A run folder whose stages all hold a copy of the same model; `finished` ones have a done.json."
+    for s in [*finished, *unfinished]:
+        shutil.copytree(model_dir, tmp_path / s / "model")
+        if s in finished: (tmp_path / s / "done.json").write_text("{}")
+    return tmp_path
+
+
+# ---- which model -----------------------------------------------------------------------------------------------
+
+def test_run_folder_picks_the_latest_finished_main_line_stage(tmp_path, model_dir):
+    run = fake_run(tmp_path, model_dir, finished=["pretrain", "sft", "lora", "distill"], unfinished=["dpo"])
+    assert resolve_model(run) == (run / "sft" / "model", "sft")  # dpo unfinished; lora and distill are side branches
+    assert resolve_model(run, stage="lora") == (run / "lora" / "model", "lora")
+    assert resolve_model(run / "dpo") == (run / "dpo" / "model", "dpo")  # a stage folder, finished or not
+    assert resolve_model(run / "pretrain" / "model") == (run / "pretrain" / "model", "pretrain")
+    (run / "dpo" / "done.json").write_text("{}")
+    assert resolve_model(run)[1] == "dpo"
+
+
+def test_bad_model_paths_are_clear_errors(tmp_path, model_dir):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"): resolve_model(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not a model folder"): resolve_model(tmp_path)
+    run = fake_run(tmp_path / "run", model_dir, finished=["pretrain"])
+    with pytest.raises(FileNotFoundError, match="stage 'sft' has no model"): resolve_model(run, stage="sft")
+
+
+def test_upstream_pth_needs_a_tokenizer_and_loads_with_one(tmp_path, cm, model_dir):
+    pth = save_pth(cm.model, tmp_path / "full_sft_64.pth")
+    with pytest.raises(ValueError, match="--tokenizer"): load_chat_model(pth)
+    up = load_chat_model(pth, tokenizer=model_dir, preset="micro", vocab_size=len(cm.tokenizer))
+    assert up.name == "full_sft_64"
+    ids = torch.tensor([cm.tokenizer.encode("Mimi is a white cat.")])
+    with torch.no_grad():
+        torch.testing.assert_close(up.model(ids).logits, copy.deepcopy(cm.model).half().float()(ids).logits, atol=1e-4, rtol=0)
+
+
+# ---- think traces ----------------------------------------------------------------------------------------------
+
+def test_think_splitter_streams_any_cut_of_a_reasoning_reply():
+    records = [r for r, _ in zip(read_jsonl(tinyworld(scale=0.1) / "reason_val.jsonl", "reason"), range(30))]
+    rng = random.Random(0)
+    for rec in records:
+        reply = rec["conversations"][-1]["content"]
+        want = THINK_RE.fullmatch(reply).groups()
+        for _ in range(5):
+            cuts = sorted(rng.sample(range(1, len(reply)), rng.randint(1, min(20, len(reply) - 1))))
+            s, got = ThinkSplitter(), {"reasoning": "", "content": ""}
+            for a, b in zip([0, *cuts], [*cuts, len(reply)]):
+                for ch, t in s.push(reply[a:b]): got[ch] += t
+            for ch, t in s.flush(): got[ch] += t
+            assert (got["reasoning"], got["content"]) == want
+
+
+def test_replies_that_do_not_start_with_think_pass_through_unchanged():
+    for text in ["Mimi is white.\n", "a <answer>b</answer> c", "x</think>y", "\n<think>late</think>", "<thin", ""]:
+        assert split_think(text) == ("", text)
+    s = ThinkSplitter()
+    assert s.push("<th") == []  # could still become <think>
+    assert s.push("ink>\nhm") == [("reasoning", "hm")]
+    assert s.push("m\n</think>\n<answer>\n4") == [("reasoning", "m"), ("content", "4")]
+    assert s.push("2\n") == [("content", "2")] and s.flush() == [("content", "\n")]  # a newline waits: a tag may follow
+
+
+def test_print_reply_shows_or_hides_the_trace():
+    pieces = [("reasoning", "2+2"), ("reasoning", " is 4"), ("content", "4")]
+    hidden, shown = io.StringIO(), io.StringIO()
+    print_reply(iter(pieces), False, hidden); print_reply(iter(pieces), True, shown)
+    assert hidden.getvalue() == "4" and shown.getvalue() == "[think] 2+2 is 4\n4"
+
+
+# ---- sessions --------------------------------------------------------------------------------------------------
+
+def test_session_replies_are_the_engine_s_replies_to_the_whole_history(cm):
+    s = ChatSession(cm.model, cm.tokenizer, system="Answer briefly.", temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3)
+    first, second = s.ask("Who are you?"), s.ask("What colour is Mimi?")
+    g = torch.Generator().manual_seed(3)  # one random stream for the whole session
+    h = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who are you?"}]
+    want1 = generate_text(cm.model, cm.tokenizer, [h], 24, temperature=0.8, top_p=0.9, generator=g)[0]
+    h += [{"role": "assistant", "content": want1}, {"role": "user", "content": "What colour is Mimi?"}]
+    want2 = generate_text(cm.model, cm.tokenizer, [h], 24, temperature=0.8, top_p=0.9, generator=g)[0]
+    assert (first, second) == (want1, want2)
+    assert s.messages == h + [{"role": "assistant", "content": want2}]
+    again = ChatSession(cm.model, cm.tokenizer, system="Answer briefly.", temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3)
+    assert again.ask("Who are you?") == first  # the same seed: the same conversation
+    s.reset()
+    assert s.messages == [{"role": "system", "content": "Answer briefly."}]
+
+
+def test_session_drops_the_oldest_exchanges_to_fit_and_refuses_what_cannot(cm):
+    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=8)
+    for q in ["one", "two", "three"]: s.ask(q)
+    n = lambda msgs: len(cm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    need = n([{"role": "user", "content": "four"}])
+    s.context = need + 8 + 1  # room for the new message only
+    s.ask("four")
+    assert s.dropped == 3 and [m["content"] for m in s.messages if m["role"] == "user"] == ["four"]
+    with pytest.raises(ValueError, match="at most"): s.ask("word " * 50)
+
+
+def test_an_interrupted_reply_stays_in_the_history(cm):
+    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=30)
+    it = s.send("Tell me a story.")
+    shown = "".join(t for _, t in (next(it), next(it)))
+    it.close()  # the user pressed Ctrl-C
+    assert s.messages[-1] == {"role": "assistant", "content": shown} and shown
+
+
+# ---- the program and the widget --------------------------------------------------------------------------------
+
+def chat_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "minimind.chat", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_command_line_scripted_and_interactive(cm, model_dir):
+    out = chat_cli("--model", model_dir, "--temperature", "0", "--max-new-tokens", "20", "--prompt", "Hi", "--prompt", "你好")
+    assert out.returncode == 0, out.stderr
+    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=20)
+    assert out.stdout == s.ask("Hi") + "\n" + s.ask("你好") + "\n"
+    out = chat_cli("--model", model_dir, "--temperature", "0", "--max-new-tokens", "20", stdin="Hi\n/think\n/reset\n你好\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=20)
+    assert f"minimind> {s.ask('Hi')}\n" in out.stdout and "(think traces shown)" in out.stdout
+    s.reset()
+    assert f"(conversation cleared)\nyou> minimind> {s.ask('你好')}\n" in out.stdout
+
+
+def test_command_line_reports_a_bad_model(tmp_path):
+    out = chat_cli("--model", tmp_path / "nothing", "--prompt", "hi")
+    assert out.returncode == 1 and "error:" in out.stderr and "no such file or folder" in out.stderr
+
+
+def test_repl_commands(cm):
+    lines, out = iter(["/help", "   ", "/think", "/think", "/exit", "never read"]), io.StringIO()
+    repl(ChatSession(cm.model, cm.tokenizer), input_fn=lambda p: next(lines), out=out)
+    assert out.getvalue() == "commands: /reset  /think  /exit\n(think traces shown)\n(think traces hidden)\n"
+
+
+def test_widget_streams_escaped_text(cm):
+    pytest.importorskip("ipywidgets")
+    w = ChatWidget(ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=12))
+    values = []
+    w.log.observe(lambda change: values.append(change["new"]), names="value")
+    reply = w.send("<b>hi</b>")
+    assert "&lt;b&gt;hi&lt;/b&gt;" in w.log.value and "<b>hi</b>" not in w.log.value
+    assert len(values) >= 3  # updated piece by piece, not once at the end
+    assert reply == generate_text(cm.model, cm.tokenizer, [[{"role": "user", "content": "<b>hi</b>"}]], 12, temperature=0)[0]
+    w.reset()
+    assert w.log.value == "" and w.session.messages == []
