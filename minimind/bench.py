@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import cache_dir, read_jsonl, tinyworld
+from .engine import Trainer, TrainConfig, causal_lm_loss, flops_per_token, measure_peak_flops
 from .generate import generate_tokens
 from .model import MiniMindConfig, MiniMindForCausalLM
 from .quant import Int8Linear, quantize_model
@@ -209,9 +210,8 @@ def random_batches(vocab_size:int, # token ids are drawn from [3, vocab_size)
 def engine_trainer(model:torch.nn.Module, # the model to train (fp32)
                    out_dir, # where the (unused) checkpoints would go
                    compile:bool=False, # `torch.compile` the model, as `--compile` does
-                  )->"Trainer": # the book's engine, set up as `python -m minimind.train pretrain` sets it up
+                  )->Trainer: # the book's engine, set up as `python -m minimind.train pretrain` sets it up
     "A `Trainer` for timing single optimizer steps (fp32, no accumulation, no evaluation)."
-    from minimind.engine import Trainer, TrainConfig, causal_lm_loss
     data = [{k: v[0] for k, v in b.items()} for b in random_batches(model.config.vocab_size, 1, 8)]  # steps are fed by hand
     model.train()
     return Trainer(model, data, causal_lm_loss, TrainConfig(out_dir=out_dir, steps=10**6, micro_batch=1, dtype="fp32",
@@ -272,7 +272,6 @@ def train_report(preset:str="minimind2-small", # model preset (random init)
                 )->dict: # {"rows": [{"name", "tok_s", "mfu", "s_per_step"}...], "peak_flops", ...}
     "Training tokens/s and MFU of the book's engine (and of upstream's model and loop) on this machine."
     import tempfile
-    from minimind.engine import flops_per_token, measure_peak_flops
     if threads: torch.set_num_threads(threads)
     load_before = os.getloadavg()
     config = MiniMindConfig.from_preset(preset)
