@@ -715,8 +715,8 @@ def run_grpo(args:argparse.Namespace, # parsed `grpo` flags, with `run_dir`
               f"lr {cfg.lr}, beta {cfg.beta}, clip {cfg.clip_eps}; {ctx.world_size} process(es)")
     t0 = time.perf_counter()
     result = trainer.fit()
-    numbers = {"rounds": result["step"], "train reward": round(result["reward"], 3) if result["reward"] is not None else None,
-               "train s": round(time.perf_counter() - t0, 1)}
+    numbers = {"rounds": result["step"], "train reward": round(result["reward"], 3) if result["reward"] is not None else None}
+    if ctx.is_main: print(f"grpo: {result['step']} rounds in {time.perf_counter() - t0:.1f} s")  # timings stay out of the table
     if problems:
         after = _grade(model, tok, problems, args)
         numbers |= {"accuracy": _arrow(before, after, "accuracy"), "reward": _arrow(before, after, "reward")}

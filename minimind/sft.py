@@ -393,8 +393,8 @@ def run_sft(args:argparse.Namespace, # parsed `sft` flags, with `run_dir`
     after = evaluate()
     shown = ("val ce", "accuracy") if before.get("graded") else ("val ce",)  # accuracy grades TinyWorld questions only
     numbers = {k: f"{before[k]:.3f} -> {after[k]:.3f}" for k in shown if k in before}
-    numbers |= {"steps": result["step"], "train loss": round(result.get("loss", float("nan")), 3),
-                "tok/s": round(result.get("tokens_per_s", 0))}
+    numbers |= {"steps": result["step"], "train loss": round(result.get("loss", float("nan")), 3)}  # no timings: same seed, same table
+    if ctx.is_main: print(f"sft: {result.get('tokens_per_s', 0):,.0f} tokens/s at the last log interval")
     if ctx.is_main:
         for k in sorted(set(before) - {"val ce", "accuracy", "graded"}): print(f"held-out {k}: {before[k]:.3f} -> {after[k]:.3f}")
         print(f"checkpoints in {trainer.ckpt_dir}, metrics in {trainer.metrics_file}")
