@@ -11,7 +11,6 @@ __all__ = ['KL_KINDS', 'DISTILL_STEPS', 'DISTILL_QUICK_ARGS', 'distill_loss', 'D
 
 # %% ../nbs/08_distill.ipynb #4d418034
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ def distill_loss(student_logits:torch.Tensor, # (B, T, V) the student's logits
                  teacher_logits:torch.Tensor, # (B, T, V) the teacher's logits at the same positions
                  labels:torch.Tensor, # (B, T) pre-shifted targets; -100 = not trained
                  alpha:float=0.5, # weight of the cross-entropy with the labels; 1 - alpha goes to the KL
-                 temperature:float=2.0, # both distributions are softmax(logits / temperature) in the KL
+                 temperature:float=1.0, # both distributions are softmax(logits / temperature) in the KL
                  kind:str="forward", # "forward": KL(teacher || student); "reverse": KL(student || teacher)
                 )->tuple[torch.Tensor, dict]: # (loss, {"ce": ..., "kl": ...}), means over the trained tokens
     "alpha * CE + (1 - alpha) * T^2 * KL, averaged over the trained positions (0 if there are none)."
@@ -39,11 +38,13 @@ def distill_loss(student_logits:torch.Tensor, # (B, T, V) the student's logits
     mask = labels != -100                                             # (B, T)
     n = mask.sum().clamp(min=1)
     s, t = student_logits[mask].float(), teacher_logits[mask].float()  # (N, V) trained positions only
-    ce = F.cross_entropy(s, labels[mask], reduction="sum") / n
-    log_q = F.log_softmax(s / temperature, -1)                        # (N, V) student, tempered
-    log_p = F.log_softmax(t / temperature, -1)                        # (N, V) teacher, tempered
-    if kind == "forward": kl = (log_p.exp() * (log_p - log_q)).sum() / n
-    else: kl = (log_q.exp() * (log_q - log_p)).sum() / n
+    log_q = F.log_softmax(s if temperature == 1 else s / temperature, -1)  # (N, V) student, tempered
+    log_p = F.log_softmax(t if temperature == 1 else t / temperature, -1)  # (N, V) teacher, tempered
+    log_q1 = log_q if temperature == 1 else F.log_softmax(s, -1)      # (N, V) student at T = 1, for the CE
+    ce = -log_q1.gather(-1, labels[mask][:, None]).sum() / n
+    # kl_div(input, target) = sum exp(target) (target - input): forward KL(p || q), or reverse KL(q || p)
+    a, b = (log_q, log_p) if kind == "forward" else (log_p, log_q)
+    kl = F.kl_div(a, b, reduction="sum", log_target=True) / n
     loss = alpha * ce + (1 - alpha) * temperature ** 2 * kl
     return loss, {"ce": ce.detach(), "kl": kl.detach()}
 
@@ -52,7 +53,7 @@ class DistillLoss:
     "The engine's loss for distillation: a frozen teacher, `distill_loss` on the student's logits."
     def __init__(self, teacher:nn.Module, # the teacher (frozen and put in eval mode here)
                  alpha:float=0.5, # weight of the cross-entropy; 1 - alpha goes to the KL
-                 temperature:float=2.0, # softmax temperature of the KL term
+                 temperature:float=1.0, # softmax temperature of the KL term
                  kind:str="forward", # "forward" or "reverse" KL
                 ):
         if kind not in KL_KINDS: raise ValueError(f"kind {kind!r}: expected one of {', '.join(KL_KINDS)}")
@@ -78,17 +79,18 @@ class DistillLoss:
 
     def __repr__(self): return f"DistillLoss(alpha={self.alpha}, temperature={self.temperature}, kind={self.kind!r})"
 
-# %% ../nbs/08_distill.ipynb #90d96aba
-def make_student(preset:str, # a key of PRESETS: the student's shape
+# %% ../nbs/08_distill.ipynb #bf20cda3
+def make_student(preset:str, # a key of PRESETS: the student's layout
                  teacher_config:MiniMindConfig, # the teacher's settings: vocabulary and special tokens are copied
                  seed:int=0, # seed of the initialisation: the same seed gives the same student
+                 **overrides, # fields of the preset to change, e.g. hidden_size=128
                 )->MiniMindForCausalLM: # a freshly initialised student
-    "A new model of `preset`'s shape that shares the teacher's vocabulary, so both read and write the same tokens."
+    "A new model of `preset`'s layout that shares the teacher's vocabulary, so both read and write the same tokens."
     same = {k: getattr(teacher_config, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
     torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig.from_preset(preset, **same))
+    return MiniMindForCausalLM(MiniMindConfig.from_preset(preset, **{**overrides, **same}))
 
-# %% ../nbs/08_distill.ipynb #7bd38abb
+# %% ../nbs/08_distill.ipynb #491f6b99
 DISTILL_STEPS = 100  # default budget without --steps or --epochs
 
 def add_distill_args(p:argparse.ArgumentParser):
@@ -97,9 +99,11 @@ def add_distill_args(p:argparse.ArgumentParser):
                    help="teacher model folder (default: RUN_DIR/sft/model, fine-tuned first if missing)")
     p.add_argument("--init", type=Path, default=None,
                    help="student model folder to start from (default: a fresh --student-preset model with the teacher's vocabulary)")
-    p.add_argument("--student-preset", default="micro", help="the student's shape when there is no --init")
+    p.add_argument("--student-preset", default="micro", help="the student's layout when there is no --init")
+    p.add_argument("--student-hidden", type=int, default=128, help="the student's width (0: the preset's)")
+    p.add_argument("--student-layers", type=int, default=0, help="the student's number of layers (0: the preset's)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy with the labels; 1 - alpha goes to the KL")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term (which is scaled by T^2)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (which is scaled by T^2)")
     p.add_argument("--kl", choices=KL_KINDS, default="forward",
                    help="forward: KL(teacher || student), covers the teacher's modes; reverse: KL(student || teacher), seeks one")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=False,
@@ -113,7 +117,7 @@ def add_distill_args(p:argparse.ArgumentParser):
                    help="pack whole conversations into rows (best fit); --no-pack pads one conversation per row")
     p.add_argument("--too-long", choices=("raise", "skip", "truncate"), default="raise",
                    help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
-    p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward pass on each process")
+    p.add_argument("--micro-batch", type=int, default=4, help="rows per forward/backward pass on each process")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
@@ -141,7 +145,7 @@ def add_distill_args(p:argparse.ArgumentParser):
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: measured)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/distill)")
 
-DISTILL_QUICK_ARGS = ["--steps", "6", "--micro-batch", "4", "--eval-every", "3", "--eval-batches", "2",
+DISTILL_QUICK_ARGS = ["--student-hidden", "32", "--steps", "6", "--micro-batch", "4", "--eval-every", "3", "--eval-batches", "2",
                       "--eval-graded", "16", "--max-new-tokens", "24"]
 
 # %% ../nbs/08_distill.ipynb #1523cd6e
@@ -167,7 +171,9 @@ def _distill_files(args:argparse.Namespace)->tuple[list, Path|None]:
 
 def _student(args:argparse.Namespace, teacher:MiniMindForCausalLM)->MiniMindForCausalLM:
     "The student: the --init model folder, or a fresh --student-preset model with the teacher's vocabulary."
-    if args.init is None: return make_student(args.student_preset, teacher.config, args.seed)
+    if args.init is None:
+        shape = {k: v for k, v in (("hidden_size", args.student_hidden), ("num_hidden_layers", args.student_layers)) if v}
+        return make_student(args.student_preset, teacher.config, args.seed, **shape)
     from minimind.hub import load_model
     student = load_model(args.init)
     if student.config.vocab_size != teacher.config.vocab_size:

@@ -233,7 +233,7 @@ def reference_logps(ref_model:nn.Module, # the frozen reference
     return dataset.ref
 
 # %% ../nbs/07_dpo.ipynb #1fe46a82
-DPO_STEPS = 100  # default budget without --steps or --epochs: about 40 s on 2 CPU cores for the `tiny` book model
+DPO_STEPS = 80  # default budget without --steps or --epochs: under a minute on 2 CPU cores for the `tiny` book model
 
 def add_dpo_args(p:argparse.ArgumentParser, # the `dpo` sub-command's parser
                 )->None:
@@ -263,7 +263,7 @@ def add_dpo_args(p:argparse.ArgumentParser, # the `dpo` sub-command's parser
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DPO_STEPS} unless --epochs)")
     budget.add_argument("--epochs", type=float, default=None, help="passes over the pairs instead of --steps")
-    p.add_argument("--eval-every", type=int, default=25, help="held-out evaluation every N steps (also at the start and the end)")
+    p.add_argument("--eval-every", type=int, default=40, help="held-out evaluation every N steps (also at the start and the end)")
     p.add_argument("--eval-batches", type=int, default=0, help="micro-batches per process and evaluation; 0: all held-out pairs")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end")
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")

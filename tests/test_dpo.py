@@ -162,7 +162,7 @@ def test_too_long_pairs_raise_or_are_cut_and_counted(tok, val_file, tmp_path):
         ds = DPODataset(val_file, tok, max_len=60, too_long="truncate")  # every prompt fits: replies are cut, none dropped
     assert ds.truncated and not ds.skipped and len(ds) == n
     assert max(len(s) for p in ds.seqs for s in p) <= 60
-    with pytest.warns(UserWarning, match="skipped"):
+    with pytest.warns(UserWarning, match="skipped"), pytest.warns(UserWarning, match="cut"):
         ds = DPODataset(val_file, tok, max_len=45, too_long="truncate")  # some prompts alone fill 45 tokens
     assert ds.skipped and len(ds) + len(ds.skipped) == n
     assert all((ds[i][f"{k}_labels"] != -100).any() for i in range(len(ds)) for k in ("chosen", "rejected"))
