@@ -516,7 +516,7 @@ def _resume(self:GRPOTrainer):
     if self.is_main: print(f"resumed from {path} at round {self.step} of {self.cfg.steps}")
 
 # %% ../nbs/09_reasoning.ipynb #d00fc81f
-REASON_STEPS = 150  # default budget of `reason` without --steps or --epochs
+REASON_STEPS = 300  # default budget of `reason` without --steps or --epochs: 1.4 epochs of reason.jsonl
 
 def _eval_args(p:argparse.ArgumentParser, n:int):
     p.add_argument("--eval-samples", type=int, default=n, help="held-out problems graded (greedy) before and after; 0: all")

@@ -294,7 +294,7 @@ def sft_eval(model, # a MiniMind model
     return out
 
 # %% ../nbs/05_sft.ipynb #1ee58f36
-SFT_STEPS = 250  # default budget without --steps or --epochs: one epoch of TinyWorld at 2 rows of 512
+SFT_STEPS = 300  # default budget without --steps or --epochs: 1.2 epochs of TinyWorld at 2 rows of 512
 
 def add_sft_args(p:argparse.ArgumentParser):
     "The `sft` stage's flags."

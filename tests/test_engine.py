@@ -69,6 +69,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in lines] == list(range(1, 9))  # one record per step, none duplicated
     assert [r["loss"] for r in lines] == [r["loss"] for r in straight.history]
 
+def test_a_new_run_in_a_used_folder_starts_fresh(tmp_path, capsys):
+    first = train(tmp_path, 4, save_every=2)
+    assert len(list((tmp_path/"checkpoints").glob("*.pt"))) == 2
+    again = train(tmp_path, 4, save_every=2)  # no resume: the earlier run's checkpoints and metrics are replaced
+    assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
+    assert len((tmp_path/"metrics.jsonl").read_text().splitlines()) == 4
+    for p, q in zip(first.params, again.params): assert torch.equal(p, q)
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"): train(tmp_path, 2, resume=True)
 
