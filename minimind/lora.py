@@ -10,7 +10,7 @@ Docs: https://minimind-book.github.io/minimind/lora.html.md"""
 __all__ = ['LORA_TARGETS', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'CONFIG_FIELDS_IGNORED', 'IDENTITY_FILE', 'LORA_STEPS',
            'LORA_QUICK_ARGS', 'LoRALinear', 'lora_layers', 'lora_parameters', 'apply_lora', 'merge_lora',
            'unmerge_lora', 'unload_lora', 'save_lora', 'read_lora_config', 'config_differences', 'load_lora',
-           'user_questions', 'other_topics', 'identity_probe', 'add_lora_args', 'run_lora']
+           'user_questions', 'other_topics', 'with_replay', 'identity_probe', 'add_lora_args', 'run_lora']
 
 # %% ../nbs/06_lora.ipynb #383f6b68
 import argparse
@@ -249,6 +249,19 @@ def other_topics(val_records:list, # held-out conversations
     asked = user_questions(train_records)
     return [r for r in val_records if not user_questions([r]) & asked]
 
+def with_replay(train_records:list, # the adapter's conversations (the new identity)
+                sft_records:list, # the SFT data the model was fine-tuned on
+                n:int, # how many SFT conversations to mix in (0: none)
+                seed:int=0, # which ones: the same seed picks the same conversations
+                tok=None, seq_len:int|None=None, # given both, only conversations that fit in a row are replayed
+               )->list: # train_records followed by n SFT conversations that ask none of their questions
+    "The adapter's data plus `n` replayed SFT conversations on other topics, so the adapter has no reason to forget them."
+    import itertools, random
+    pool = other_topics(sft_records, train_records)  # never replay an old answer to a question the adapter retrains
+    random.Random(seed).shuffle(pool)
+    def fits(r): return tok is None or len(tok.encode(tok.apply_chat_template(r["conversations"]))) <= seq_len + 1
+    return list(train_records) + list(itertools.islice(filter(fits, pool), n))
+
 def identity_probe(model:nn.Module, # a chat model (eval mode)
                    tok, # its tokenizer
                    max_new_tokens:int=64, # most tokens per reply
@@ -263,13 +276,16 @@ def identity_probe(model:nn.Module, # a chat model (eval mode)
             for (lang, q), r in zip(qs, replies)]
 
 # %% ../nbs/06_lora.ipynb #ad39591a
-LORA_STEPS = 60  # default budget without --steps or --epochs: about 12 passes over TinyWorld's 200 identity conversations
+LORA_STEPS = 120  # default budget without --steps or --epochs: about 12 passes over 200 identity + 200 replayed conversations
 
 def add_lora_args(p:argparse.ArgumentParser):
     "The `lora` stage's flags."
     p.add_argument("--init", type=Path, default=None, help="model folder to adapt (default: RUN_DIR/sft/model, fine-tuned first if missing)")
     p.add_argument("--data", type=Path, nargs="+", default=None,
                    help=f"JSONL files of {{'conversations'}} records (default: RUN_DIR/data/{IDENTITY_FILE}, built if missing)")
+    p.add_argument("--replay", type=int, default=200,
+                   help="SFT conversations on other topics (RUN_DIR/data/sft.jsonl) mixed into TinyWorld's identity data, "
+                        "so the other topics are not forgotten; 0: none; ignored with --data")
     p.add_argument("--val-data", type=Path, default=None,
                    help="held-out conversations; those that ask a question of the training data are left out, the rest "
                         "measure the other topics (default: TinyWorld's sft_val.jsonl without --data, none with it)")
@@ -323,14 +339,19 @@ def _lora_start(args:argparse.Namespace)->Path:
         prev = ensure_stage("sft", args.run_dir)
     return prev/"model"
 
-def _lora_files(args:argparse.Namespace)->tuple[list, Path|None]:
-    "The training files and the held-out file."
-    if args.data: return list(args.data), args.val_data
+def _lora_data(args:argparse.Namespace, tok)->tuple[list, list, Path|None]:
+    "The adapter's own conversations, the training conversations (with any replay) and the held-out file."
+    from minimind.data import read_jsonl
+    if args.data:
+        own = [r for f in args.data for r in read_jsonl(f, "sft")]
+        return own, own, args.val_data
     data = Path(args.run_dir)/"data"
     if not (data/IDENTITY_FILE).exists():
         from minimind.train import ensure_stage
         data = ensure_stage("data", args.run_dir)
-    return [data/IDENTITY_FILE], args.val_data or data/"sft_val.jsonl"
+    own = list(read_jsonl(data/IDENTITY_FILE, "sft"))
+    replay = list(read_jsonl(data/"sft.jsonl", "sft")) if args.replay else []
+    return own, with_replay(own, replay, args.replay, args.seed, tok, args.seq_len), args.val_data or data/"sft_val.jsonl"
 
 def run_lora(args:argparse.Namespace, # parsed `lora` flags, with `run_dir`
             )->dict: # held-out numbers before -> after, the new name's rate, the adapter's size
@@ -343,15 +364,15 @@ def run_lora(args:argparse.Namespace, # parsed `lora` flags, with `run_dir`
     from minimind.train import DistContext
     ctx = DistContext.from_env()
     init = _lora_start(args)
-    train_files, val_file = _lora_files(args)
     tok, model = MiniMindTokenizer.load(init), load_model(init)
+    own, train_records, val_file = _lora_data(args, tok)
     if args.seq_len > model.config.max_position_embeddings:
         raise SystemExit(f"error: --seq-len {args.seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
-    train = SFTDataset(train_files, tok, args.seq_len)
+    train = SFTDataset(train_records, tok, args.seq_len)
     val_records = None
     if val_file:
         held_out = list(read_jsonl(val_file, "sft"))
-        val_records = other_topics(held_out, [r for f in train_files for r in read_jsonl(f, "sft")])
+        val_records = other_topics(held_out, own)
         if ctx.is_main: print(f"held-out: {len(val_records)} of {len(held_out)} conversations in {val_file} ask no question of the training data")
         if not val_records: val_records = None
     val = SFTDataset(val_records, tok, args.seq_len, pack=False, too_long="skip") if val_records else None

@@ -11,7 +11,7 @@ from torch import nn
 
 from minimind.generate import generate
 from minimind.hub import WeightsError, export_hf, load_model
-from minimind.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_QUICK_ARGS, LoRALinear, apply_lora, load_lora,
+from minimind.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_QUICK_ARGS, LoRALinear, apply_lora, load_lora, with_replay,
                            lora_layers, lora_parameters, merge_lora, save_lora, unload_lora, unmerge_lora)
 from minimind.model import MiniMindConfig, MiniMindForCausalLM, fused_projections
 
@@ -173,3 +173,19 @@ def test_lora_stage_smoke(tmp_path):
     sft = load_model(tmp_path/"sft"/"model")  # the adapter on the SFT model == the exported merged model
     load_lora(sft, lora/"adapter")
     torch.testing.assert_close(logits(sft, IDS), logits(load_model(lora/"model"), IDS), atol=1e-5, rtol=0)
+
+def test_replay_adds_sft_conversations_that_ask_none_of_the_adapters_questions():
+    def conv(q, a): return {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    own = [conv("Who are you?", "I am Lumi."), conv("What is your name?", "Lumi.")]
+    sft = [conv("Who are you?", "I am MiniMind.")] + [conv(f"What is {i} + 1?", str(i + 1)) for i in range(10)]
+    mixed = with_replay(own, sft, 4, seed=0)
+    assert mixed[:2] == own and len(mixed) == 6
+    assert all(r["conversations"][0]["content"] != "Who are you?" for r in mixed[2:])  # the old answer is never replayed
+    assert mixed == with_replay(own, sft, 4, seed=0) and mixed != with_replay(own, sft, 4, seed=1)
+    assert with_replay(own, sft, 0) == own and len(with_replay(own, sft, 99)) == 2 + 10  # capped by the pool
+    class Chars:  # a "tokenizer" with one token per character
+        def apply_chat_template(self, conv): return "".join(m["content"] for m in conv)
+        def encode(self, text): return list(text)
+    short = with_replay(own, sft + [conv("What is 100000 + 1?", "100001")], 99, tok=Chars(), seq_len=20)
+    assert all(len(Chars().apply_chat_template(r["conversations"])) <= 21 for r in short[2:])  # the replayed ones fit
+    assert len(short) == 2 + 10  # "What is 100000 + 1?100001" is 25 characters: left out
