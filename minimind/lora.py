@@ -298,7 +298,7 @@ def add_lora_args(p:argparse.ArgumentParser):
     p.add_argument("--seq-len", type=int, default=256, help="inputs per training row; a conversation may have seq-len + 1 tokens")
     p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward pass on each process")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (of the adapters: higher than a full fine-tune's)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (of the adapters: higher than a full fine-tune's)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
     p.add_argument("--warmup", type=int, default=5, help="optimizer steps of linear warmup")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter matrices")
