@@ -33,6 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .model import linear
+
 # %% ../nbs/04b_pretrain.ipynb #4edd8e01
 def trained_tokens(batch:dict, # with "labels" (B, T); -100 marks positions that are not trained
                   )->torch.Tensor: # scalar: how many targets the loss averages over
@@ -209,14 +211,14 @@ def measure_peak_flops(device:torch.device, # where to measure
                        dtype:torch.dtype=torch.float32, # the matmul dtype
                        seconds:float=0.3, # how long to measure
                       )->float: # FLOP/s of a large square matmul
-    "The matmul FLOP/s this device reaches in `dtype` (a stand-in for the datasheet's peak)."
-    n = 4096 if device.type == "cuda" else 512
+    "The matmul FLOP/s this device reaches in `dtype` with the model's own product (`linear`): a stand-in for the datasheet's peak."
+    n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b; sync()
+    linear(a, b); sync()
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for _ in range(4): a @ b
+        for _ in range(4): linear(a, b)
         sync(); done += 4
     return 2 * n ** 3 * done / (time.perf_counter() - t0)
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from .engine import atomic_write
 from .hub import WeightsError
+from .model import Linear
 
 # %% ../nbs/06_lora.ipynb #c57494ea
 class LoRALinear(nn.Module):
@@ -84,7 +85,7 @@ class LoRALinear(nn.Module):
             biases = [l.base.bias for l in layers]
             b = None if all(v is None for v in biases) else torch.cat(
                 [v if v is not None else w.new_zeros(l.out_features) for v, l in zip(biases, layers)])
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        fused = Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
         fused.weight = nn.Parameter(w, requires_grad=False)
         if b is not None: fused.bias = nn.Parameter(b, requires_grad=False)
         return fused

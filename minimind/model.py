@@ -7,10 +7,10 @@ Docs: https://minimind-book.github.io/minimind/model.html.md"""
 
 # %% auto #0
 __all__ = ['YARN_DEFAULT', 'CONFIG_DEFAULTS', 'CONFIG_DEFAULTS_V3', 'CONFIG_ALIASES', 'V3_MARKERS', 'HF_META_KEYS', 'ACTIVATIONS',
-           'PRESETS', 'ffn_width_v2', 'ffn_width_v3', 'MiniMindConfig', 'RMSNorm', 'rope_frequencies', 'apply_rope',
-           'sign_fold', 'yarn_frequencies', 'precompute_rope', 'joint_linear', 'Attention', 'FeedForward',
-           'MiniMindBlock', 'attention_mask_4d', 'MiniMindModel', 'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM',
-           'fuse_linears', 'fused_projections']
+           'PRESETS', 'ONEDNN_FP32', 'ffn_width_v2', 'ffn_width_v3', 'MiniMindConfig', 'RMSNorm', 'rope_frequencies',
+           'apply_rope', 'sign_fold', 'yarn_frequencies', 'precompute_rope', 'onednn_mm_t', 'OneDNNLinear', 'linear',
+           'Linear', 'joint_linear', 'Attention', 'FeedForward', 'MiniMindBlock', 'attention_mask_4d', 'MiniMindModel',
+           'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM', 'fuse_linears', 'fused_projections']
 
 # %% ../nbs/02_model.ipynb #8bb3e315
 import math
@@ -203,12 +203,53 @@ def precompute_rope(head_dim:int, # channels per head
     ang = torch.cat([ang, ang], dim=-1)                                # (P, d): pair i and i+d/2 share an angle
     return ang.cos() * gain, sign_fold(ang.sin()) * gain
 
+# %% ../nbs/02_model.ipynb #0540fe2f
+ONEDNN_FP32 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+               and torch.backends.cpu.get_cpu_capability() == "AVX512")  # False: PyTorch's default kernels
+
+def onednn_mm_t(a:torch.Tensor, # (M, K) fp32, on the CPU
+                b:torch.Tensor, # (N, K) fp32, on the CPU
+               )->torch.Tensor: # (M, N) = a @ b.T
+    "One fp32 matrix product computed by oneDNN."
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+class OneDNNLinear(torch.autograd.Function):
+    "`x @ w.T` whose forward and backward products are all oneDNN's."
+    @staticmethod
+    def forward(ctx, x:torch.Tensor, w:torch.Tensor): # x (M, K), w (N, K)
+        ctx.save_for_backward(x, w)
+        return onednn_mm_t(x, w)                                                      # (M, N)
+
+    @staticmethod
+    def backward(ctx, dy:torch.Tensor): # (M, N)
+        x, w = ctx.saved_tensors
+        dx = onednn_mm_t(dy, w.t()) if ctx.needs_input_grad[0] else None                # (M, K) = dy @ w
+        if not ctx.needs_input_grad[1]: return dx, None
+        if dy.shape[1] > x.shape[1]: return dx, onednn_mm_t(x.t(), dy.t()).t()          # (N, K) = (x.T @ dy).T
+        return dx, onednn_mm_t(dy.t(), x.t())                                           # (N, K) = dy.T @ x
+
+def linear(x:torch.Tensor, # (..., K)
+           w:torch.Tensor, # (N, K)
+           b:torch.Tensor|None=None, # (N,) or None
+          )->torch.Tensor: # (..., N) = x @ w.T + b
+    "`F.linear`, with fp32 CPU products of more than one row computed by oneDNN when `ONEDNN_FP32`."
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (ONEDNN_FP32 and rows > 1 and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return F.linear(x, w, b)
+    y = OneDNNLinear.apply(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    return y if b is None else y + b
+
+class Linear(nn.Linear):
+    "An `nn.Linear` (same parameters and state dict) whose product is `linear`."
+    def forward(self, x:torch.Tensor)->torch.Tensor: return linear(x, self.weight, self.bias)
+
 # %% ../nbs/02_model.ipynb #fe96f71d
 def joint_linear(x:torch.Tensor, # (..., C) the shared input
                  layers:list[nn.Module], # projections of x
                 )->torch.Tensor: # (..., sum of outputs) their outputs side by side
     "Several projections of `x` from one product of their stacked weights when they are bias-free `nn.Linear`s."
-    if all(type(l) is nn.Linear and l.bias is None for l in layers): return F.linear(x, torch.cat([l.weight for l in layers]))
+    if all(type(l) in (nn.Linear, Linear) and l.bias is None for l in layers): return linear(x, torch.cat([l.weight for l in layers]))
     return torch.cat([l(x) for l in layers], -1)
 
 # %% ../nbs/02_model.ipynb #af4e53a6
@@ -219,10 +260,10 @@ class Attention(nn.Module):
         super().__init__()
         c, self.layer_idx = config, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
         if c.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps), RMSNorm(c.head_dim, c.rms_norm_eps)
         self.qk_norm, self.dropout = c.qk_norm, c.dropout
@@ -269,9 +310,9 @@ class FeedForward(nn.Module):
                  intermediate_size:int|None=None): # hidden width; default `config.intermediate_size`
         super().__init__()
         n = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, n, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, n, bias=False)
-        self.down_proj = nn.Linear(n, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, n, bias=False)
+        self.up_proj = Linear(config.hidden_size, n, bias=False)
+        self.down_proj = Linear(n, config.hidden_size, bias=False)
         self.act_fn, self.dropout = ACTIVATIONS[config.hidden_act], config.dropout
         self.fused_gate_up = None  # inference only: x -> [gate | up] in one product, set by `fused_projections`
 
@@ -383,7 +424,7 @@ class MiniMindForCausalLM(nn.Module):
         super().__init__()
         self.config = config or MiniMindConfig()
         self.model = MiniMindModel(self.config)
-        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         if self.config.tie_word_embeddings: self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
 
@@ -424,9 +465,9 @@ def fuse_linears(layers:list[nn.Module], # bias-free projections of the same inp
     kinds = {type(l) for l in layers}
     if len(kinds) != 1: return None
     kind = kinds.pop()
-    if kind is nn.Linear and all(l.bias is None for l in layers):
+    if kind in (nn.Linear, Linear) and all(l.bias is None for l in layers):
         with torch.inference_mode(False): w = torch.cat([l.weight.detach() for l in layers])  # (sum of outs, in)
-        return lambda x: F.linear(x, w)
+        return lambda x: linear(x, w)
     return kind.fuse(layers).forward if hasattr(kind, "fuse") else None
 
 @contextmanager

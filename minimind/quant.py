@@ -77,6 +77,6 @@ def quantize_model(model:nn.Module, # a float model, changed in place
     "Replace every bias-free `nn.Linear` (the tied `lm_head` included) with an `Int8Linear`."
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
-            if type(child) is nn.Linear and child.bias is None and child_name not in skip:
+            if isinstance(child, nn.Linear) and child.bias is None and child_name not in skip:
                 setattr(m, child_name, Int8Linear.from_linear(child))
     return model

@@ -270,3 +270,55 @@ def test_fused_projections_same_logits_and_temporary(qk_norm):
             assert not torch.allclose(m(ids).logits, plain)                             # fused copies are not used
             m.eval()
     assert m.model.layers[0].self_attn.fused_qkv is None and m.model.layers[0].mlp.fused_gate_up is None
+
+
+# ---- the matrix product: oneDNN == F.linear, and where it is not used ----------------------------------------
+
+needs_onednn = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="no oneDNN linear op")
+
+
+@needs_onednn
+@pytest.mark.parametrize("out_features", [3, 40])  # dy narrower and wider than x: both weight-gradient layouts
+def test_onednn_linear_matches_f_linear(out_features):
+    from minimind.model import OneDNNLinear
+    torch.manual_seed(0)
+    x = torch.randn(24, 16).t()[:, :12]                   # (16, 12), non-contiguous
+    w = torch.randn(out_features, 12)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ya, yb = OneDNNLinear.apply(xa, wa), F.linear(xb, wb)
+    dy = torch.randn_like(yb)
+    ya.backward(dy); yb.backward(dy)
+    for a, b in [(ya, yb), (xa.grad, xb.grad), (wa.grad, wb.grad)]:
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_linear_skips_gradients_nobody_needs():
+    from minimind.model import OneDNNLinear
+    x, w = torch.randn(8, 4), torch.randn(6, 4, requires_grad=True)  # x needs no gradient: only dW is computed
+    OneDNNLinear.apply(x, w).sum().backward()
+    assert w.grad is not None and torch.allclose(w.grad, torch.ones(6, 8) @ x, atol=1e-5)
+
+
+def test_linear_leaves_autocast_alone():
+    "Under CPU autocast the product must run in the autocast dtype, not in oneDNN's fp32."
+    from minimind.model import linear
+    x, w = torch.randn(2, 5, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16): y = linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 3)
+    assert linear(x, w).dtype == torch.float32
+
+
+def test_model_same_loss_and_gradients_with_and_without_onednn(monkeypatch):
+    import minimind.model as mm
+    if not mm.ONEDNN_FP32: pytest.skip("this CPU uses PyTorch's default products (no AVX-512)")
+    ids = torch.randint(3, 512, (2, 9))
+    grads = []
+    for flag in (True, False):
+        monkeypatch.setattr(mm, "ONEDNN_FP32", flag)
+        m = micro().train()
+        m(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]: assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
