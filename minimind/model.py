@@ -211,6 +211,7 @@ def onednn_mm_t(a:torch.Tensor, # (M, K) fp32, on the CPU
                 b:torch.Tensor, # (N, K) fp32, on the CPU
                )->torch.Tensor: # (M, N) = a @ b.T
     "One fp32 matrix product computed by oneDNN."
+    a, b = (t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous() for t in (a, b))  # other layouts are slow
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 class OneDNNLinear(torch.autograd.Function):
