@@ -221,9 +221,14 @@ def engine_trainer(model:torch.nn.Module, # the model to train (fp32)
 
 def load_upstream(upstream_dir, # a clone of github.com/jingyaogong/minimind
                  ):
-    "Import upstream's `model/model_minimind.py` (it needs `transformers`)."
+    "Import upstream's `model/model_minimind.py` (it needs `transformers`, whose deprecation notices about it are silenced)."
     import importlib.util
+    import warnings
     from pathlib import Path
+
+    import transformers
+    transformers.logging.set_verbosity_error()  # "past_key_values is deprecated" on every upstream forward
+    warnings.filterwarnings("ignore", ".*rope_scaling", FutureWarning)  # upstream's config sets `rope_scaling`
     path = Path(upstream_dir)/"model"/"model_minimind.py"
     if not path.exists(): raise FileNotFoundError(f"{path} not found: --upstream takes a clone of jingyaogong/minimind")
     spec = importlib.util.spec_from_file_location("upstream_model_minimind", path)

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+import minimind.model
 from .model import MiniMindConfig, MiniMindForCausalLM, fused_projections
 
 # %% ../nbs/02b_generate.ipynb #844c2d5a
@@ -118,7 +119,7 @@ def left_pad(seqs:list[list[int]], # token ids of each prompt
     return ids, mask
 
 # %% ../nbs/02b_generate.ipynb #d60790ee
-FUSE_MAX_BATCH = 4  # fuse q|k|v and gate|up up to this batch: it speeds up memory-bound decoding (chapter 02d)
+FUSE_MAX_BATCH = 4  # fuse q|k|v and gate|up up to this batch (at any batch with oneDNN's products): chapter 02d
 
 @torch.inference_mode()
 def generate_tokens(model:MiniMindForCausalLM, # the model (eval mode)
@@ -154,7 +155,8 @@ def generate_tokens(model:MiniMindForCausalLM, # the model (eval mode)
         real = attention_mask.float() if padded else torch.ones(B, T, device=dev)
         seen = torch.zeros(B, c.vocab_size, device=dev).scatter_add_(1, input_ids, real) > 0
     cache = KVCache.for_model(model, B, T + n_new)
-    fuse = fused_projections(model) if B <= FUSE_MAX_BATCH else nullcontext()  # q|k|v, gate|up: one product each
+    onednn = minimind.model.ONEDNN_FP32 and dev.type == "cpu"
+    fuse = fused_projections(model) if B <= FUSE_MAX_BATCH or onednn else nullcontext()  # q|k|v, gate|up: one product each
     with fuse:
         logits = decode_step(model, input_ids, cache, pos, mask[:, :T] if padded else None)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)

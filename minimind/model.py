@@ -238,7 +238,9 @@ def linear(x:torch.Tensor, # (..., K)
     if not (ONEDNN_FP32 and rows > 1 and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         return F.linear(x, w, b)
-    y = OneDNNLinear.apply(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    x2 = x.reshape(rows, x.shape[-1])                                                  # (M, K)
+    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    y = (OneDNNLinear.apply(x2, w) if grad else onednn_mm_t(x2, w)).view(*x.shape[:-1], w.shape[0])  # no autograd cost at inference
     return y if b is None else y + b
 
 class Linear(nn.Linear):
