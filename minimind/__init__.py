@@ -15,6 +15,6 @@ Modules:
 - `minimind.quant`: Decoding one token streams every weight from memory once: we measure that limit, bring the engine's fp32 decode close to it, then halve the bytes twice over with int8 weights, at the same held-out perplexity.
 - `minimind.reason`: R1-style reasoning for a small model: distil exact think traces, then reinforce what a program can check with GRPO (group-relative advantages, a clipped ratio, a KL leash and a difficulty curriculum).
 - `minimind.serve`: `python -m minimind.serve --model RUN_OR_DIR`: `POST /v1/chat/completions` (plain and streamed), `GET /v1/models`, OpenAI-style errors, concurrent requests on one model, and a small chat page at `/`.
-- `minimind.shards`: Pretraining text is validated and tokenized once, in parallel, into a flat `uint16` token file cached by content; training reads fixed-length packed rows straight from a memory map, so memory stays flat however big the corpus is."""
+- `minimind.shards`: Pretraining text is validated and tokenized once, in parallel, into a flat `uint16` token file cached by content; training reads fixed-length packed rows straight from the file, so memory stays flat however big the corpus is."""
 
 __version__ = "0.1.0"

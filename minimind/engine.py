@@ -238,7 +238,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # largest gradient norm; 0: no clipping
     dtype: str = "auto"  # auto, fp32, bf16 or fp16 (see `amp_dtype`)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (compiled code uses its own kernels, not `linear`'s oneDNN products)
     device: str|None = None  # default: cuda:LOCAL_RANK if there is a GPU, else cpu
     eval_every: int = 0  # evaluate every N steps (and at step 0 and the end); 0: only at the end
     eval_batches: int|None = None  # micro-batches per process and evaluation; None: the whole held-out set

@@ -1,5 +1,5 @@
 """Pretraining text is validated and tokenized once, in parallel, into a flat `uint16` token file cached by
-content; training reads fixed-length packed rows straight from a memory map, so memory stays flat however big
+content; training reads fixed-length packed rows straight from the file, so memory stays flat however big
 the corpus is.
 
 Docs: https://minimind-book.github.io/minimind/shards.html.md"""
@@ -195,7 +195,7 @@ class TokenFile:
         self.n_tokens = int(self.meta["n_tokens"])
         size, want = self.path.stat().st_size, self.n_tokens * np.dtype(DTYPE).itemsize
         if size != want: raise ValueError(f"{self.path}: {size:,} bytes, expected {want:,} for {self.n_tokens:,} tokens; delete {folder} to rebuild")
-        self._tokens = None
+        self._tokens = self._fd = None
 
     @property
     def tokens(self)->np.memmap: # (n_tokens,) uint16, read-only
@@ -203,9 +203,19 @@ class TokenFile:
         if self._tokens is None: self._tokens = np.memmap(self.path, DTYPE, mode="r", shape=(self.n_tokens,))
         return self._tokens
 
+    def read(self, start:int, stop:int, # tokens [start, stop)
+            )->np.ndarray: # (stop - start,) uint16, a copy
+        "Tokens `[start, stop)` copied out of the file by one `pread`: nothing is mapped into this process."
+        if not 0 <= start <= stop <= self.n_tokens: raise IndexError(f"tokens [{start}, {stop}) out of range for {self.n_tokens:,}")
+        if self._fd is None: self._fd = os.open(self.path, os.O_RDONLY)
+        size = np.dtype(DTYPE).itemsize
+        return np.frombuffer(os.pread(self._fd, (stop - start) * size, start * size), DTYPE)
+
     def __len__(self)->int: return self.n_tokens
     def __getitem__(self, i): return self.tokens[i]  # a view for slices: nothing is copied
-    def __getstate__(self): return {**self.__dict__, "_tokens": None}  # pickles without the map
+    def __getstate__(self): return {**self.__dict__, "_tokens": None, "_fd": None}  # pickles without map and file
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None: os.close(self._fd)
     def __repr__(self): return f"TokenFile({self.n_tokens:,} tokens, {self.meta['n_docs']:,} docs, {self.path.parent.name[:12]})"
 
 # %% ../nbs/04a_shards.ipynb #b0fe3670
@@ -225,7 +235,7 @@ class PackedDataset(Dataset):
         n, T = len(self), self.seq_len
         i = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= i < n: raise IndexError(f"row {i} out of range for {n} rows")
-        row = torch.from_numpy(self.tokens[i * T : i * T + T + 1].astype(np.int64))  # the only copy: T + 1 tokens
+        row = torch.from_numpy(self.tokens.read(i * T, i * T + T + 1).astype(np.int64))  # T + 1 tokens, no map
         return {"input_ids": row[:-1], "labels": row[1:]}
 
     def __repr__(self): return f"PackedDataset({len(self):,} rows of {self.seq_len}, {self.tokens})"

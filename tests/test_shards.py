@@ -1,6 +1,7 @@
 "Tests for minimind.shards: token files match a naive encoding, the cache key, errors, atomic builds, packed rows."
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,15 +161,29 @@ def test_packed_rows(tok, corpus, tmp_path, seq_len):
 
 def test_packed_dataset_pickles_and_reopens_lazily(tok, corpus, tmp_path):
     ds = PackedDataset(build_token_file(corpus[0], tok, out_dir=tmp_path, workers=1), 16)
-    ds[3]  # opens the map
+    ds[3]; ds.tokens[:4]  # opens the file and the map
     blob = pickle.dumps(ds)
-    assert len(blob) < 10_000  # the map is not pickled, only paths and numbers
+    assert len(blob) < 10_000  # neither the map nor the descriptor is pickled, only paths and numbers
     ds2 = pickle.loads(blob)
-    assert ds2.tokens._tokens is None
+    assert ds2.tokens._tokens is None and ds2.tokens._fd is None
     assert len(ds2) == len(ds) and torch.equal(ds2[3]["input_ids"], ds[3]["input_ids"])
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn")
-    first = next(iter(loader))
-    assert torch.equal(first["input_ids"], torch.stack([ds[i]["input_ids"] for i in range(4)]))
+    want = torch.stack([ds[i]["input_ids"] for i in range(8)])
+    for context in ("spawn", "fork"):  # forked workers share the parent's open descriptor; pread needs no position
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=context)
+        assert torch.equal(torch.cat([b["input_ids"] for b in loader][:2]), want)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_read_copies_without_mapping_the_file(tok, corpus, tmp_path):
+    "Training rows come from pread: the token file must not appear among this process's mappings."
+    tf = build_token_file(corpus[0], tok, out_dir=tmp_path, workers=1)
+    ds = PackedDataset(TokenFile(tf.path), 16)
+    for i in range(0, len(ds), 7): ds[i]
+    assert str(tf.path) not in open("/proc/self/maps").read()
+    np.testing.assert_array_equal(tf.read(10, 50), np.asarray(tf[10:50]))
+    assert tf.read(7, 7).shape == (0,)
+    for bad in [(-1, 3), (5, 4), (0, tf.n_tokens + 1)]:
+        with pytest.raises(IndexError, match="out of range"): tf.read(*bad)
 
 
 def test_too_short_for_one_row(tok, tmp_path):
