@@ -105,7 +105,7 @@ register(Stage("tokenizer", "train the byte-level BPE tokenizer (Hugging Face fo
                after="data", quick=lambda: ["--vocab-size", "1024"]));
 
 # %% ../nbs/90_cli.ipynb #b5387c5d
-PRETRAIN_STEPS = 240  # default budget without --steps or --epochs: 490k tokens (0.8 epoch), 1.5 quiet CPU minutes for `tiny`
+PRETRAIN_STEPS = 240  # default budget without --steps or --epochs: 490k tokens (0.8 epoch), about a quiet CPU minute for `tiny`
 
 def _pretrain_args(p:argparse.ArgumentParser):
     p.add_argument("--data", type=Path, nargs="+", default=None,
