@@ -186,7 +186,9 @@ def run(rank, world, out, port):
     if rank == 0:
         torch.save({"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "stats": stats},
                    os.path.join(out, f"world{world}.pt"))
-    if world > 1: torch.distributed.destroy_process_group()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        os._exit(0)  # skip interpreter teardown: gloo's worker threads can abort it (~1 run in 10; pytorch/pytorch#179291)
 
 if __name__ == "__main__":
     world, out, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
