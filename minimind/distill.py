@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import Trainer, TrainConfig, causal_lm_loss
+from .engine import Trainer, causal_lm_loss, engine_config
 from .model import MiniMindConfig, MiniMindForCausalLM
 
 # %% ../nbs/08_distill.ipynb #55c70c2d
@@ -95,6 +95,7 @@ DISTILL_STEPS = 100  # default budget without --steps or --epochs
 
 def add_distill_args(p:argparse.ArgumentParser):
     "The `distill` stage's flags."
+    from minimind.engine import add_engine_args
     p.add_argument("--teacher", type=Path, default=None,
                    help="teacher model folder (default: RUN_DIR/sft/model, fine-tuned first if missing)")
     p.add_argument("--init", type=Path, default=None,
@@ -117,32 +118,9 @@ def add_distill_args(p:argparse.ArgumentParser):
                    help="pack whole conversations into rows (best fit); --no-pack pads one conversation per row")
     p.add_argument("--too-long", choices=("raise", "skip", "truncate"), default="raise",
                    help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
-    p.add_argument("--micro-batch", type=int, default=4, help="rows per forward/backward pass on each process")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    p.add_argument("--warmup", type=int, default=10, help="optimizer steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DISTILL_STEPS} unless --epochs)")
-    budget.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (also at the start and the end)")
-    p.add_argument("--eval-batches", type=int, default=8, help="micro-batches per process and evaluation; 0: the whole held-out set")
+    add_engine_args(p, DISTILL_STEPS, micro_batch=4, lr=3e-3, warmup=10)
     p.add_argument("--eval-graded", type=int, default=200, help="held-out replies graded by exact match before and after (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of a graded reply")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=1, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="compute dtype (auto: bf16/fp16 on GPUs, fp32 on CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its latest checkpoint (or from CHECKPOINT)")
-    p.add_argument("--stop-at", type=int, default=None, help="end this run after step N with a checkpoint (resume later)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation and of the data order")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: measured)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/distill)")
 
 DISTILL_QUICK_ARGS = ["--student-hidden", "32", "--steps", "6", "--micro-batch", "4", "--eval-every", "3", "--eval-batches", "2",
@@ -202,13 +180,7 @@ def run_distill(args:argparse.Namespace, # parsed `distill` flags, with `run_dir
     evaluate = lambda m: sft_eval(m, tok, val_records, args.seq_len, args.eval_graded or None,
                                   max_new_tokens=args.max_new_tokens) if val_file and ctx.is_main else {}
     out = args.out or Path(args.run_dir) / "distill"
-    def config(folder): return TrainConfig(
-        out_dir=folder, steps=args.steps or (None if args.epochs else DISTILL_STEPS), epochs=args.epochs or 1.0,
-        micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype, compile=args.compile,
-        eval_every=args.eval_every, eval_batches=args.eval_batches or None, save_every=args.save_every, keep=args.keep,
-        log_every=args.log_every, seed=args.seed, resume=args.resume, stop_at=args.stop_at, num_workers=args.workers,
-        peak_flops=args.peak_flops, wandb=args.wandb)
+    def config(folder): return engine_config(args, folder, DISTILL_STEPS)
     loss = DistillLoss(teacher, args.alpha, args.temperature, args.kl)
     if ctx.is_main:
         print(f"distill: teacher {teacher_dir} ({teacher.num_parameters() / 1e6:.2f}M parameters), student "

@@ -238,6 +238,7 @@ DPO_STEPS = 80  # default budget without --steps or --epochs: under a minute on 
 def add_dpo_args(p:argparse.ArgumentParser, # the `dpo` sub-command's parser
                 )->None:
     "The `dpo` stage's flags."
+    from minimind.engine import add_engine_args
     p.add_argument("--init", type=Path, default=None,
                    help="model folder to start from, and the reference (default: RUN_DIR/sft/model, trained first if missing)")
     p.add_argument("--ref", type=Path, default=None, help="a different reference model folder (default: the --init model)")
@@ -253,29 +254,8 @@ def add_dpo_args(p:argparse.ArgumentParser, # the `dpo` sub-command's parser
     p.add_argument("--max-len", type=int, default=256, help="most tokens per side of a pair (prompt + reply)")
     p.add_argument("--too-long", default="raise", choices=TOO_LONG,
                    help="a side longer than --max-len: stop with file:line, or cut it (counted and reported)")
-    p.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward pass on each process")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    p.add_argument("--warmup", type=int, default=10, help="optimizer steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DPO_STEPS} unless --epochs)")
-    budget.add_argument("--epochs", type=float, default=None, help="passes over the pairs instead of --steps")
-    p.add_argument("--eval-every", type=int, default=40, help="held-out evaluation every N steps (also at the start and the end)")
-    p.add_argument("--eval-batches", type=int, default=0, help="micro-batches per process and evaluation; 0: all held-out pairs")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=5, help="steps between metrics records")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype: auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPUs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the policy")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its latest checkpoint (or from CHECKPOINT)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    add_engine_args(p, DPO_STEPS, micro_batch=8, lr=2e-5, warmup=10, weight_decay=0.0, eval_every=40,
+                    eval_batches=0, keep=2, log_every=5, unit="pairs")
 
 DPO_QUICK_ARGS = ["--steps", "4", "--micro-batch", "4", "--eval-every", "2", "--eval-batches", "2", "--log-every", "1"]
 
@@ -296,7 +276,7 @@ def _before_after(history:list, key:str)->str|None:
 def run_dpo(args:argparse.Namespace, # the parsed `dpo` flags (with `run_dir`)
            )->dict: # numbers for the results table, with the held-out ones before -> after
     "The `dpo` stage: align the SFT model on preference pairs with DPO and export it."
-    from minimind.engine import Trainer, TrainConfig
+    from minimind.engine import Trainer, engine_config
     from minimind.hub import export_hf, load_model
     from minimind.tokenizer import MiniMindTokenizer
     from minimind.train import DistContext, barrier, stage_dir
@@ -311,12 +291,7 @@ def run_dpo(args:argparse.Namespace, # the parsed `dpo` flags (with `run_dir`)
     val_ds = DPODataset(val, tok, args.max_len, args.too_long) if val else None
     policy, ref = load_model(init), freeze(load_model(args.ref or init))
     out = args.out or stage_dir(args, "dpo")
-    cfg = TrainConfig(out_dir=out, steps=args.steps or (None if args.epochs else DPO_STEPS), epochs=args.epochs or 1.0,
-                      micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                      warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                      compile=args.compile, eval_every=args.eval_every, eval_batches=args.eval_batches or None,
-                      save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-                      resume=args.resume, num_workers=args.workers, wandb=args.wandb)
+    cfg = engine_config(args, out, DPO_STEPS)
     trainer = Trainer(policy, train_ds, DPOLoss(None if args.cache_ref else ref, args.beta), cfg, val_data=val_ds,
                       count=pairs, collate_fn=train_ds.collate)
     if ctx.is_main:

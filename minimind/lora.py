@@ -281,6 +281,7 @@ LORA_STEPS = 120  # default budget without --steps or --epochs: about 12 passes 
 
 def add_lora_args(p:argparse.ArgumentParser):
     "The `lora` stage's flags."
+    from minimind.engine import add_engine_args
     p.add_argument("--init", type=Path, default=None, help="model folder to adapt (default: RUN_DIR/sft/model, fine-tuned first if missing)")
     p.add_argument("--data", type=Path, nargs="+", default=None,
                    help=f"JSONL files of {{'conversations'}} records (default: RUN_DIR/data/{IDENTITY_FILE}, built if missing)")
@@ -297,32 +298,9 @@ def add_lora_args(p:argparse.ArgumentParser):
                    help=f"layers to adapt: {', '.join(LORA_TARGETS)}, or a regular expression searched in module names")
     p.add_argument("--adapter-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved adapter tensors")
     p.add_argument("--seq-len", type=int, default=256, help="inputs per training row; a conversation may have seq-len + 1 tokens")
-    p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward pass on each process")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (of the adapters: higher than a full fine-tune's)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    p.add_argument("--warmup", type=int, default=5, help="optimizer steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {LORA_STEPS} unless --epochs)")
-    budget.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
-    p.add_argument("--eval-every", type=int, default=20, help="held-out loss every N steps (also at the start and the end)")
-    p.add_argument("--eval-batches", type=int, default=8, help="micro-batches per process and evaluation; 0: the whole held-out set")
+    add_engine_args(p, LORA_STEPS, micro_batch=8, lr=3e-3, warmup=5, weight_decay=0.0, eval_every=20)
     p.add_argument("--eval-graded", type=int, default=100, help="held-out replies graded by exact match before and after (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of a generated reply")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=1, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="compute dtype (auto: bf16/fp16 on GPUs, fp32 on CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its latest checkpoint (or from CHECKPOINT)")
-    p.add_argument("--stop-at", type=int, default=None, help="end this run after step N with a checkpoint (resume later)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the adapters' initialisation and of the data order")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: measured)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/lora): adapter/, model/, checkpoints")
 
 LORA_QUICK_ARGS = ["--steps", "6", "--micro-batch", "4", "--eval-every", "3", "--eval-batches", "2",
@@ -358,7 +336,7 @@ def run_lora(args:argparse.Namespace, # parsed `lora` flags, with `run_dir`
             )->dict: # held-out numbers before -> after, the new name's rate, the adapter's size
     "Train LoRA adapters on a chat model (the base frozen); write OUT/adapter (the adapters alone) and OUT/model (merged)."
     from minimind.data import LORA_NAME, read_jsonl
-    from minimind.engine import AMP_DTYPES, Trainer, TrainConfig, causal_lm_loss
+    from minimind.engine import AMP_DTYPES, Trainer, causal_lm_loss, engine_config
     from minimind.hub import export_hf, load_model
     from minimind.sft import SFTDataset, sft_collate, sft_eval
     from minimind.tokenizer import MiniMindTokenizer
@@ -393,13 +371,7 @@ def run_lora(args:argparse.Namespace, # parsed `lora` flags, with `run_dir`
     names = apply_lora(model, args.rank, args.alpha, args.dropout, args.targets)
     n_train, n_all = sum(p.numel() for p in lora_parameters(model)), sum(p.numel() for p in model.parameters())
     out = args.out or Path(args.run_dir)/"lora"
-    cfg = TrainConfig(out_dir=out, steps=args.steps or (None if args.epochs else LORA_STEPS), epochs=args.epochs or 1.0,
-                      micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                      warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                      compile=args.compile, eval_every=args.eval_every, eval_batches=args.eval_batches or None,
-                      save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-                      resume=args.resume, stop_at=args.stop_at, num_workers=args.workers, peak_flops=args.peak_flops,
-                      wandb=args.wandb)
+    cfg = engine_config(args, out, LORA_STEPS)
     if ctx.is_main:
         print(f"lora: rank {args.rank}, alpha {args.alpha} on {len(names)} layers ({args.targets}) of {init}: "
               f"{n_train:,} trainable parameters of {n_all:,} ({n_train / n_all:.2%}); train {train}; held-out {val}")

@@ -525,6 +525,7 @@ def _eval_args(p:argparse.ArgumentParser, n:int):
 
 def add_reason_args(p:argparse.ArgumentParser):
     "The `reason` stage's flags."
+    from minimind.engine import add_engine_args
     from minimind.sft import TOO_LONG
     p.add_argument("--init", type=Path, default=None,
                    help="model folder to start from (default: RUN_DIR/dpo/model, or RUN_DIR/sft/model without the DPO chapter; built if missing)")
@@ -538,30 +539,8 @@ def add_reason_args(p:argparse.ArgumentParser):
                    help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
     p.add_argument("--tag-weight", type=float, default=10.0,
                    help="loss weight of the <think> </think> <answer> </answer> targets (1: plain SFT; upstream uses 10)")
-    p.add_argument("--micro-batch", type=int, default=4, help="rows per forward/backward pass on each process")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    p.add_argument("--warmup", type=int, default=10, help="optimizer steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {REASON_STEPS} unless --epochs)")
-    budget.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (also at the start and the end)")
-    p.add_argument("--eval-batches", type=int, default=8, help="micro-batches per process and held-out loss; 0: the whole held-out set")
+    add_engine_args(p, REASON_STEPS, micro_batch=4, lr=1e-3, warmup=10)
     _eval_args(p, 100)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=1, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype: auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPUs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its latest checkpoint (or from CHECKPOINT)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/reason)")
 
 REASON_QUICK_ARGS = ["--steps", "4", "--eval-every", "2", "--eval-batches", "1",
@@ -599,7 +578,7 @@ def _report(name:str, before:dict, after:dict):
 def run_reason(args:argparse.Namespace, # parsed `reason` flags, with `run_dir`
               )->dict: # held-out accuracy and format before -> after, and the run's size
     "Reasoning distillation: SFT on think/answer traces with weighted tag targets; exports OUT/model."
-    from minimind.engine import Trainer, TrainConfig
+    from minimind.engine import Trainer, engine_config
     from minimind.hub import export_hf, load_model
     from minimind.sft import SFTDataset, sft_collate
     from minimind.tokenizer import MiniMindTokenizer
@@ -618,12 +597,7 @@ def run_reason(args:argparse.Namespace, # parsed `reason` flags, with `run_dir`
     val = SFTDataset(problems, tok, args.seq_len, pack=False, too_long="skip") if problems else None
     before = _grade(model, tok, problems, args) if problems else None
     out = args.out or Path(args.run_dir) / "reason"
-    cfg = TrainConfig(out_dir=out, steps=args.steps or (None if args.epochs else REASON_STEPS), epochs=args.epochs or 1.0,
-                      micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                      warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                      compile=args.compile, eval_every=args.eval_every, eval_batches=args.eval_batches or None,
-                      save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-                      resume=args.resume, num_workers=args.workers, wandb=args.wandb)
+    cfg = engine_config(args, out, REASON_STEPS)
     if ctx.is_main: print(f"reason: from {init}; train {train}; tag weight {args.tag_weight}; held-out {len(problems)} problems")
     trainer = Trainer(model.train(), train, partial(reason_loss, tag_ids=tok.tag_ids, tag_weight=args.tag_weight), cfg,
                       val_data=val, collate_fn=sft_collate)

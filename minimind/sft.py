@@ -298,6 +298,7 @@ SFT_STEPS = 300  # default budget without --steps or --epochs: 1.2 epochs of Tin
 
 def add_sft_args(p:argparse.ArgumentParser):
     "The `sft` stage's flags."
+    from minimind.engine import add_engine_args
     p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/pretrain/model, pretrained first if missing)")
     p.add_argument("--data", type=Path, nargs="+", default=None,
                    help="SFT JSONL files of {'conversations'} records (default: RUN_DIR/data/sft.jsonl, built if missing)")
@@ -308,32 +309,9 @@ def add_sft_args(p:argparse.ArgumentParser):
                    help="pack whole conversations into rows (best fit); --no-pack pads one conversation per row")
     p.add_argument("--too-long", choices=TOO_LONG, default="raise",
                    help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
-    p.add_argument("--micro-batch", type=int, default=2, help="rows per forward/backward pass on each process")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    p.add_argument("--warmup", type=int, default=10, help="optimizer steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {SFT_STEPS} unless --epochs)")
-    budget.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss on packed rows every N steps (also at the start and the end)")
-    p.add_argument("--eval-batches", type=int, default=16, help="micro-batches per process and evaluation; 0: the whole held-out set")
+    add_engine_args(p, SFT_STEPS, micro_batch=2, lr=2e-3, warmup=10, eval_batches=16)
     p.add_argument("--eval-graded", type=int, default=200, help="held-out replies graded by exact match before and after (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of a graded reply")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=1, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="compute dtype (auto: bf16/fp16 on GPUs, fp32 on CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its latest checkpoint (or from CHECKPOINT)")
-    p.add_argument("--stop-at", type=int, default=None, help="end this run after step N with a checkpoint (resume later)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: measured)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/sft)")
 
 SFT_QUICK_ARGS = ["--steps", "8", "--micro-batch", "4", "--lr", "1e-3", "--eval-every", "4", "--eval-batches", "2",
@@ -363,7 +341,7 @@ def _sft_files(args:argparse.Namespace)->tuple[list, Path|None]:
 def run_sft(args:argparse.Namespace, # parsed `sft` flags, with `run_dir`
            )->dict: # held-out numbers before -> after, and the run's size
     "Fine-tune a pretrained model on conversations, loss on the assistant's replies only; export OUT/model."
-    from minimind.engine import Trainer, TrainConfig
+    from minimind.engine import Trainer, engine_config
     from minimind.hub import export_hf, load_model
     from minimind.tokenizer import MiniMindTokenizer
     from minimind.train import DistContext
@@ -380,13 +358,7 @@ def run_sft(args:argparse.Namespace, # parsed `sft` flags, with `run_dir`
                                 max_new_tokens=args.max_new_tokens) if val_file and ctx.is_main else {}
     before = evaluate()
     out = args.out or Path(args.run_dir)/"sft"
-    cfg = TrainConfig(out_dir=out, steps=args.steps or (None if args.epochs else SFT_STEPS), epochs=args.epochs or 1.0,
-                      micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                      warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                      compile=args.compile, eval_every=args.eval_every, eval_batches=args.eval_batches or None,
-                      save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-                      resume=args.resume, stop_at=args.stop_at, num_workers=args.workers, peak_flops=args.peak_flops,
-                      wandb=args.wandb)
+    cfg = engine_config(args, out, SFT_STEPS)
     if ctx.is_main: print(f"sft: from {init}; train {train}; held-out {val}")
     trainer = Trainer(model.train(), train, causal_lm_loss, cfg, val_data=val, collate_fn=sft_collate)
     result = trainer.fit()

@@ -108,6 +108,7 @@ register(Stage("tokenizer", "train the byte-level BPE tokenizer (Hugging Face fo
 PRETRAIN_STEPS = 240  # default budget without --steps or --epochs: 490k tokens (0.8 epoch), about a quiet CPU minute for `tiny`
 
 def _pretrain_args(p:argparse.ArgumentParser):
+    from minimind.engine import add_engine_args
     p.add_argument("--data", type=Path, nargs="+", default=None,
                    help="pretraining JSONL files of {'text'} records (default: RUN_DIR/data/pretrain.jsonl, built if missing)")
     p.add_argument("--val-data", type=Path, default=None,
@@ -115,31 +116,7 @@ def _pretrain_args(p:argparse.ArgumentParser):
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: RUN_DIR/tokenizer, trained if missing)")
     p.add_argument("--preset", default="tiny", help="model preset: micro, tiny, tiny-moe, minimind2-small, minimind2, minimind3, ...")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed training row")
-    p.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward pass on each process")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (global batch = micro-batch x accum x processes)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    p.add_argument("--warmup", type=int, default=20, help="optimizer steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (never norms, embeddings, biases)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {PRETRAIN_STEPS} unless --epochs)")
-    budget.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out evaluation every N steps (also at the start and the end)")
-    p.add_argument("--eval-batches", type=int, default=8, help="micro-batches per process and evaluation; 0: the whole held-out set")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype: auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPUs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its latest checkpoint (or from CHECKPOINT)")
-    p.add_argument("--stop-at", type=int, default=None, help="end this run after step N with a checkpoint (resume later)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and of the data order")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: measured)")
+    add_engine_args(p, PRETRAIN_STEPS, micro_batch=8, lr=2e-3, warmup=20, save_every=100, keep=2)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/pretrain)")
 
 def _pretrain_inputs(args:argparse.Namespace)->tuple[list, Path|None, Path]:
@@ -156,7 +133,7 @@ def _pretrain_inputs(args:argparse.Namespace)->tuple[list, Path|None, Path]:
 
 def _pretrain_run(args:argparse.Namespace)->dict:
     import torch
-    from minimind.engine import Trainer, TrainConfig, causal_lm_loss
+    from minimind.engine import Trainer, causal_lm_loss, engine_config
     from minimind.hub import export_hf
     from minimind.model import MiniMindConfig, MiniMindForCausalLM
     from minimind.shards import PackedDataset, build_token_file
@@ -179,13 +156,7 @@ def _pretrain_run(args:argparse.Namespace)->dict:
     torch.manual_seed(args.seed)
     model = MiniMindForCausalLM(config)
     out = args.out or stage_dir(args, "pretrain")
-    cfg = TrainConfig(out_dir=out, steps=args.steps or (None if args.epochs else PRETRAIN_STEPS), epochs=args.epochs or 1.0,
-                      micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                      warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                      compile=args.compile, eval_every=args.eval_every, eval_batches=args.eval_batches or None,
-                      save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-                      resume=args.resume, stop_at=args.stop_at, num_workers=args.workers, peak_flops=args.peak_flops,
-                      wandb=args.wandb)
+    cfg = engine_config(args, out, PRETRAIN_STEPS)
     if ctx.is_main:
         print(f"pretrain: {args.preset}, {model.num_parameters() / 1e6:.2f}M parameters "
               f"({model.num_parameters(active=True) / 1e6:.2f}M active), vocab {len(tok)}; {len(train):,} rows of "
