@@ -214,8 +214,8 @@ class TokenFile:
     def __len__(self)->int: return self.n_tokens
     def __getitem__(self, i): return self.tokens[i]  # a view for slices: nothing is copied
     def __getstate__(self): return {**self.__dict__, "_tokens": None, "_fd": None}  # pickles without map and file
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None: os.close(self._fd)
+    def __del__(self, close=os.close):  # `close` bound now: at interpreter exit the module's `os` may be gone
+        if getattr(self, "_fd", None) is not None: close(self._fd)
     def __repr__(self): return f"TokenFile({self.n_tokens:,} tokens, {self.meta['n_docs']:,} docs, {self.path.parent.name[:12]})"
 
 # %% ../nbs/04a_shards.ipynb #b0fe3670
