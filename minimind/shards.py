@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -207,6 +206,7 @@ class TokenFile:
             )->np.ndarray: # (stop - start,) uint16, a copy
         "Tokens `[start, stop)` copied out of the file by one `pread`: nothing is mapped into this process."
         if not 0 <= start <= stop <= self.n_tokens: raise IndexError(f"tokens [{start}, {stop}) out of range for {self.n_tokens:,}")
+        if not hasattr(os, "pread"): return np.array(self.tokens[start:stop])  # Windows: a copy out of the map
         if self._fd is None: self._fd = os.open(self.path, os.O_RDONLY)
         size = np.dtype(DTYPE).itemsize
         return np.frombuffer(os.pread(self._fd, (stop - start) * size, start * size), DTYPE)
@@ -268,8 +268,11 @@ def write_pretrain_corpus(path:str|Path, # the JSONL file to write
     return path
 
 # %% ../nbs/04a_shards.ipynb #1491539c
-def _max_rss_mb(who=resource.RUSAGE_SELF)->float:
-    "Peak resident set size in MB (`ru_maxrss` is KB on Linux, bytes on macOS)."
+def _max_rss_mb(children:bool=False, # the finished child processes instead of this one
+               )->float:
+    "Peak resident set size in MB (`ru_maxrss` is KB on Linux, bytes on macOS); POSIX only, like the benchmark."
+    import resource  # not on Windows, where the rest of this module works
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 def _rss_now_mb()->dict:
@@ -308,7 +311,7 @@ def peak_memory_while_packing(jsonl:str|Path, # a pretraining JSONL file
                 build_s=round(build_s, 1), build_mb_per_s=round(Path(jsonl).stat().st_size / 1e6 / build_s, 2),
                 train_s=round(time.perf_counter() - t0, 1), steps=steps,
                 loss_first=round(losses[0], 3), loss_last=round(sum(losses[-20:]) / len(losses[-20:]), 3),
-                peak_rss_mb=round(_max_rss_mb(), 1), workers_peak_rss_mb=round(_max_rss_mb(resource.RUSAGE_CHILDREN), 1),
+                peak_rss_mb=round(_max_rss_mb(), 1), workers_peak_rss_mb=round(_max_rss_mb(children=True), 1),
                 **_rss_now_mb())
 
 def measure_memory(size_mb:float=1000, # the large generated file, MB

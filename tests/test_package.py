@@ -38,3 +38,12 @@ def test_module_imports_without_dev_packages(module):
     code = BLOCKER.format(blocked=DEV_ONLY, module=module)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+POSIX_ONLY = ("resource", "fcntl")  # standard modules Windows lacks; the package must import without them
+
+@pytest.mark.parametrize("module", ["shards", "train", "engine", "sft", "bench"])
+def test_module_imports_without_posix_only_modules(module):
+    code = f"import sys; sys.modules.update(dict.fromkeys({POSIX_ONLY!r})); import minimind.{module}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

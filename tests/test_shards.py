@@ -189,3 +189,13 @@ def test_read_copies_without_mapping_the_file(tok, corpus, tmp_path):
 def test_too_short_for_one_row(tok, tmp_path):
     tf = build_token_file(write_jsonl(tmp_path/"one.jsonl", ["Tom"]), tok, out_dir=tmp_path/"out", workers=1)
     with pytest.raises(ValueError, match="too few"): PackedDataset(tf, 1000)
+
+
+def test_read_without_pread_copies_from_the_map(tok, corpus, tmp_path, monkeypatch):
+    "Windows has no os.pread: rows then come from the map, with the same tokens."
+    tf = build_token_file(corpus[0], tok, out_dir=tmp_path, workers=1)
+    want = tf.read(3, 40)
+    monkeypatch.delattr(shards.os, "pread")
+    fresh = TokenFile(tf.path)
+    np.testing.assert_array_equal(fresh.read(3, 40), want)
+    assert fresh._fd is None  # no file was opened for pread
