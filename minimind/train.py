@@ -402,6 +402,9 @@ def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[
         if ctx.world_size > 1:
             import torch.distributed as dist
             dist.destroy_process_group()
+    if ctx.world_size > 1:  # done, files closed: skip interpreter teardown, which gloo's worker threads can abort
+        sys.stdout.flush(); sys.stderr.flush()  # (SIGABRT in ~1 run of 10 here; pytorch/pytorch#179291)
+        os._exit(0)
 
 # %% ../nbs/90_cli.ipynb #cadb5ec4
 def book_dir(quick:bool=False, # the run of the stages' `quick` versions
