@@ -180,7 +180,7 @@ def run_distill(args:argparse.Namespace, # parsed `distill` flags, with `run_dir
     evaluate = lambda m: sft_eval(m, tok, val_records, args.seq_len, args.eval_graded or None,
                                   max_new_tokens=args.max_new_tokens) if val_file and ctx.is_main else {}
     out = args.out or Path(args.run_dir) / "distill"
-    def config(folder): return engine_config(args, folder, DISTILL_STEPS)
+    def config(folder): return engine_config(args, folder)
     loss = DistillLoss(teacher, args.alpha, args.temperature, args.kl)
     if ctx.is_main:
         print(f"distill: teacher {teacher_dir} ({teacher.num_parameters() / 1e6:.2f}M parameters), student "

@@ -291,7 +291,7 @@ def run_dpo(args:argparse.Namespace, # the parsed `dpo` flags (with `run_dir`)
     val_ds = DPODataset(val, tok, args.max_len, args.too_long) if val else None
     policy, ref = load_model(init), freeze(load_model(args.ref or init))
     out = args.out or stage_dir(args, "dpo")
-    cfg = engine_config(args, out, DPO_STEPS)
+    cfg = engine_config(args, out)
     trainer = Trainer(policy, train_ds, DPOLoss(None if args.cache_ref else ref, args.beta), cfg, val_data=val_ds,
                       count=pairs, collate_fn=train_ds.collate)
     if ctx.is_main:

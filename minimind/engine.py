@@ -289,13 +289,14 @@ def add_engine_args(p:argparse.ArgumentParser, # a stage's parser
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
     g.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: measured)")
+    p.set_defaults(default_steps=steps)  # the budget without --steps and --epochs, for `engine_config`
 
 def engine_config(args:argparse.Namespace, # parsed flags of `add_engine_args`
                   out_dir:str|Path, # the run's folder
-                  steps:int, # the stage's default number of optimizer steps (used without --steps and --epochs)
                  )->TrainConfig:
     "The `TrainConfig` that the flags describe."
-    return TrainConfig(out_dir=out_dir, steps=args.steps or (None if args.epochs else steps), epochs=args.epochs or 1.0,
+    steps = args.steps or (None if args.epochs else args.default_steps)
+    return TrainConfig(out_dir=out_dir, steps=steps, epochs=args.epochs or 1.0,
                        micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
                        compile=args.compile, eval_every=args.eval_every, eval_batches=args.eval_batches or None,

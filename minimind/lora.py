@@ -371,7 +371,7 @@ def run_lora(args:argparse.Namespace, # parsed `lora` flags, with `run_dir`
     names = apply_lora(model, args.rank, args.alpha, args.dropout, args.targets)
     n_train, n_all = sum(p.numel() for p in lora_parameters(model)), sum(p.numel() for p in model.parameters())
     out = args.out or Path(args.run_dir)/"lora"
-    cfg = engine_config(args, out, LORA_STEPS)
+    cfg = engine_config(args, out)
     if ctx.is_main:
         print(f"lora: rank {args.rank}, alpha {args.alpha} on {len(names)} layers ({args.targets}) of {init}: "
               f"{n_train:,} trainable parameters of {n_all:,} ({n_train / n_all:.2%}); train {train}; held-out {val}")

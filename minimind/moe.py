@@ -74,7 +74,7 @@ class MoEFeedForward(nn.Module):
         E, n = config.n_routed_experts, config.moe_intermediate_size
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.alpha, self.seq_aux = config.aux_loss_alpha, config.seq_aux
-        self.gate = Linear(config.hidden_size, E, bias=False)                       # router, (E, C)
+        self.gate = Linear(config.hidden_size, E, bias=False)                          # router, (E, C)
         self.experts = nn.ModuleList(FeedForward(config, n) for _ in range(E))
         if config.n_shared_experts:
             self.shared_experts = nn.ModuleList(FeedForward(config, n) for _ in range(config.n_shared_experts))

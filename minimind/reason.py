@@ -597,7 +597,7 @@ def run_reason(args:argparse.Namespace, # parsed `reason` flags, with `run_dir`
     val = SFTDataset(problems, tok, args.seq_len, pack=False, too_long="skip") if problems else None
     before = _grade(model, tok, problems, args) if problems else None
     out = args.out or Path(args.run_dir) / "reason"
-    cfg = engine_config(args, out, REASON_STEPS)
+    cfg = engine_config(args, out)
     if ctx.is_main: print(f"reason: from {init}; train {train}; tag weight {args.tag_weight}; held-out {len(problems)} problems")
     trainer = Trainer(model.train(), train, partial(reason_loss, tag_ids=tok.tag_ids, tag_weight=args.tag_weight), cfg,
                       val_data=val, collate_fn=sft_collate)

@@ -358,7 +358,7 @@ def run_sft(args:argparse.Namespace, # parsed `sft` flags, with `run_dir`
                                 max_new_tokens=args.max_new_tokens) if val_file and ctx.is_main else {}
     before = evaluate()
     out = args.out or Path(args.run_dir)/"sft"
-    cfg = engine_config(args, out, SFT_STEPS)
+    cfg = engine_config(args, out)
     if ctx.is_main: print(f"sft: from {init}; train {train}; held-out {val}")
     trainer = Trainer(model.train(), train, causal_lm_loss, cfg, val_data=val, collate_fn=sft_collate)
     result = trainer.fit()

@@ -156,7 +156,7 @@ def _pretrain_run(args:argparse.Namespace)->dict:
     torch.manual_seed(args.seed)
     model = MiniMindForCausalLM(config)
     out = args.out or stage_dir(args, "pretrain")
-    cfg = engine_config(args, out, PRETRAIN_STEPS)
+    cfg = engine_config(args, out)
     if ctx.is_main:
         print(f"pretrain: {args.preset}, {model.num_parameters() / 1e6:.2f}M parameters "
               f"({model.num_parameters(active=True) / 1e6:.2f}M active), vocab {len(tok)}; {len(train):,} rows of "
@@ -403,7 +403,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[
             import torch.distributed as dist
             dist.destroy_process_group()
     if ctx.world_size > 1:  # done, files closed: skip interpreter teardown, which gloo's worker threads can abort
-        sys.stdout.flush(); sys.stderr.flush()  # (SIGABRT in ~1 run of 10 here; pytorch/pytorch#179291)
+        sys.stdout.flush(); sys.stderr.flush()  # (a finished rank died of SIGABRT once in CI; pytorch/pytorch#179291)
         os._exit(0)
 
 # %% ../nbs/90_cli.ipynb #cadb5ec4
