@@ -1,11 +1,9 @@
 "The chat program: finding models, think traces while streaming, multi-turn sessions, the command line, the widget."
 import copy
 import io
-import json
 import random
 import shutil
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
@@ -15,20 +13,8 @@ from minimind.chat import (ChatSession, ChatWidget, ThinkSplitter, load_chat_mod
 from minimind.data import THINK_RE, read_jsonl, tinyworld
 from minimind.generate import generate_text
 from minimind.hub import save_pth
-from minimind.train import ensure_stage
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    "The book's quick pretrained model folder (trained on first use, a few seconds)."
-    return ensure_stage("pretrain", quick=True) / "model"
-
-
-@pytest.fixture(scope="module")
-def cm(model_dir):
-    return load_chat_model(model_dir)
+from conftest import run_cli
 
 
 def fake_run(tmp_path, model_dir, finished, unfinished=()):
@@ -41,8 +27,8 @@ def fake_run(tmp_path, model_dir, finished, unfinished=()):
 
 # ---- which model -----------------------------------------------------------------------------------------------
 
-def test_run_folder_picks_the_latest_finished_main_line_stage(tmp_path, model_dir):
-    run = fake_run(tmp_path, model_dir, finished=["pretrain", "sft", "lora", "distill"], unfinished=["dpo"])
+def test_run_folder_picks_the_latest_finished_main_line_stage(tmp_path, quick):
+    run = fake_run(tmp_path, quick.path, finished=["pretrain", "sft", "lora", "distill"], unfinished=["dpo"])
     assert resolve_model(run) == (run / "sft" / "model", "sft")  # dpo unfinished; lora and distill are side branches
     assert resolve_model(run, stage="lora") == (run / "lora" / "model", "lora")
     assert resolve_model(run / "dpo") == (run / "dpo" / "model", "dpo")  # a stage folder, finished or not
@@ -51,21 +37,21 @@ def test_run_folder_picks_the_latest_finished_main_line_stage(tmp_path, model_di
     assert resolve_model(run)[1] == "dpo"
 
 
-def test_bad_model_paths_are_clear_errors(tmp_path, model_dir):
+def test_bad_model_paths_are_clear_errors(tmp_path, quick):
     with pytest.raises(FileNotFoundError, match="no such file or folder"): resolve_model(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="not a model folder"): resolve_model(tmp_path)
-    run = fake_run(tmp_path / "run", model_dir, finished=["pretrain"])
+    run = fake_run(tmp_path / "run", quick.path, finished=["pretrain"])
     with pytest.raises(FileNotFoundError, match="stage 'sft' has no model"): resolve_model(run, stage="sft")
 
 
-def test_upstream_pth_needs_a_tokenizer_and_loads_with_one(tmp_path, cm, model_dir):
-    pth = save_pth(cm.model, tmp_path / "full_sft_64.pth")
+def test_upstream_pth_needs_a_tokenizer_and_loads_with_one(tmp_path, quick):
+    pth = save_pth(quick.model, tmp_path / "full_sft_64.pth")
     with pytest.raises(ValueError, match="--tokenizer"): load_chat_model(pth)
-    up = load_chat_model(pth, tokenizer=model_dir, preset="micro", vocab_size=len(cm.tokenizer))
+    up = load_chat_model(pth, tokenizer=quick.path, preset="micro", vocab_size=len(quick.tokenizer))
     assert up.name == "full_sft_64"
-    ids = torch.tensor([cm.tokenizer.encode("Mimi is a white cat.")])
+    ids = torch.tensor([quick.tokenizer.encode("Mimi is a white cat.")])
     with torch.no_grad():
-        torch.testing.assert_close(up.model(ids).logits, copy.deepcopy(cm.model).half().float()(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(up.model(ids).logits, copy.deepcopy(quick.model).half().float()(ids).logits, atol=1e-4, rtol=0)
 
 
 # ---- think traces ----------------------------------------------------------------------------------------------
@@ -104,26 +90,26 @@ def test_print_reply_shows_or_hides_the_trace():
 
 # ---- sessions --------------------------------------------------------------------------------------------------
 
-def test_session_replies_are_the_engine_s_replies_to_the_whole_history(cm):
-    s = ChatSession(cm.model, cm.tokenizer, system="Answer briefly.", temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3)
+def test_session_replies_are_the_engine_s_replies_to_the_whole_history(quick):
+    s = ChatSession(quick.model, quick.tokenizer, system="Answer briefly.", temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3)
     first, second = s.ask("Who are you?"), s.ask("What colour is Mimi?")
     g = torch.Generator().manual_seed(3)  # one random stream for the whole session
     h = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who are you?"}]
-    want1 = generate_text(cm.model, cm.tokenizer, [h], 24, temperature=0.8, top_p=0.9, generator=g)[0]
+    want1 = generate_text(quick.model, quick.tokenizer, [h], 24, temperature=0.8, top_p=0.9, generator=g)[0]
     h += [{"role": "assistant", "content": want1}, {"role": "user", "content": "What colour is Mimi?"}]
-    want2 = generate_text(cm.model, cm.tokenizer, [h], 24, temperature=0.8, top_p=0.9, generator=g)[0]
+    want2 = generate_text(quick.model, quick.tokenizer, [h], 24, temperature=0.8, top_p=0.9, generator=g)[0]
     assert (first, second) == (want1, want2)
     assert s.messages == h + [{"role": "assistant", "content": want2}]
-    again = ChatSession(cm.model, cm.tokenizer, system="Answer briefly.", temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3)
+    again = ChatSession(quick.model, quick.tokenizer, system="Answer briefly.", temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3)
     assert again.ask("Who are you?") == first  # the same seed: the same conversation
     s.reset()
     assert s.messages == [{"role": "system", "content": "Answer briefly."}]
 
 
-def test_session_drops_the_oldest_exchanges_to_fit_and_refuses_what_cannot(cm):
-    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=8)
+def test_session_drops_the_oldest_exchanges_to_fit_and_refuses_what_cannot(quick):
+    s = ChatSession(quick.model, quick.tokenizer, temperature=0, max_new_tokens=8)
     for q in ["one", "two", "three"]: s.ask(q)
-    n = lambda msgs: len(cm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    n = lambda msgs: len(quick.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
     need = n([{"role": "user", "content": "four"}])
     s.context = need + 8 + 1  # room for the new message only
     s.ask("four")
@@ -131,8 +117,8 @@ def test_session_drops_the_oldest_exchanges_to_fit_and_refuses_what_cannot(cm):
     with pytest.raises(ValueError, match="at most"): s.ask("word " * 50)
 
 
-def test_an_interrupted_reply_stays_in_the_history(cm):
-    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=30)
+def test_an_interrupted_reply_stays_in_the_history(quick):
+    s = ChatSession(quick.model, quick.tokenizer, temperature=0, max_new_tokens=30)
     it = s.send("Tell me a story.")
     shown = "".join(t for _, t in (next(it), next(it)))
     it.close()  # the user pressed Ctrl-C
@@ -141,19 +127,17 @@ def test_an_interrupted_reply_stays_in_the_history(cm):
 
 # ---- the program and the widget --------------------------------------------------------------------------------
 
-def chat_cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "minimind.chat", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=300)
+chat_cli = partial(run_cli, module="minimind.chat")
 
 
-def test_command_line_scripted_and_interactive(cm, model_dir):
-    out = chat_cli("--model", model_dir, "--temperature", "0", "--max-new-tokens", "20", "--prompt", "Hi", "--prompt", "你好")
+def test_command_line_scripted_and_interactive(quick):
+    out = chat_cli("--model", quick.path, "--temperature", "0", "--max-new-tokens", "20", "--prompt", "Hi", "--prompt", "你好")
     assert out.returncode == 0, out.stderr
-    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=20)
+    s = ChatSession(quick.model, quick.tokenizer, temperature=0, max_new_tokens=20)
     assert out.stdout == s.ask("Hi") + "\n" + s.ask("你好") + "\n"
-    out = chat_cli("--model", model_dir, "--temperature", "0", "--max-new-tokens", "20", stdin="Hi\n/think\n/reset\n你好\n/exit\n")
+    out = chat_cli("--model", quick.path, "--temperature", "0", "--max-new-tokens", "20", stdin="Hi\n/think\n/reset\n你好\n/exit\n")
     assert out.returncode == 0, out.stderr
-    s = ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=20)
+    s = ChatSession(quick.model, quick.tokenizer, temperature=0, max_new_tokens=20)
     assert f"minimind> {s.ask('Hi')}\n" in out.stdout and "(think traces shown)" in out.stdout
     s.reset()
     assert f"(conversation cleared)\nyou> minimind> {s.ask('你好')}\n" in out.stdout
@@ -164,20 +148,20 @@ def test_command_line_reports_a_bad_model(tmp_path):
     assert out.returncode == 1 and "error:" in out.stderr and "no such file or folder" in out.stderr
 
 
-def test_repl_commands(cm):
+def test_repl_commands(quick):
     lines, out = iter(["/help", "   ", "/think", "/think", "/exit", "never read"]), io.StringIO()
-    repl(ChatSession(cm.model, cm.tokenizer), input_fn=lambda p: next(lines), out=out)
+    repl(ChatSession(quick.model, quick.tokenizer), input_fn=lambda p: next(lines), out=out)
     assert out.getvalue() == "commands: /reset  /think  /exit\n(think traces shown)\n(think traces hidden)\n"
 
 
-def test_widget_streams_escaped_text(cm):
+def test_widget_streams_escaped_text(quick):
     pytest.importorskip("ipywidgets")
-    w = ChatWidget(ChatSession(cm.model, cm.tokenizer, temperature=0, max_new_tokens=12))
+    w = ChatWidget(ChatSession(quick.model, quick.tokenizer, temperature=0, max_new_tokens=12))
     values = []
     w.log.observe(lambda change: values.append(change["new"]), names="value")
     reply = w.send("<b>hi</b>")
     assert "&lt;b&gt;hi&lt;/b&gt;" in w.log.value and "<b>hi</b>" not in w.log.value
     assert len(values) >= 3  # updated piece by piece, not once at the end
-    assert reply == generate_text(cm.model, cm.tokenizer, [[{"role": "user", "content": "<b>hi</b>"}]], 12, temperature=0)[0]
+    assert reply == generate_text(quick.model, quick.tokenizer, [[{"role": "user", "content": "<b>hi</b>"}]], 12, temperature=0)[0]
     w.reset()
     assert w.log.value == "" and w.session.messages == []

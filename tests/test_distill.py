@@ -1,9 +1,6 @@
 """Distillation: the loss against hand-computed values, masks, a frozen teacher under no_grad, and the `distill` stage."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,15 +8,9 @@ import torch.nn.functional as F
 
 from minimind.distill import DISTILL_QUICK_ARGS, DistillLoss, distill_loss, make_student
 from minimind.engine import Trainer, TrainConfig
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
+from minimind.model import MiniMindConfig
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models on a shared 2-core CPU: one thread avoids OpenMP contention."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest import micro, run_cli
 
 def random_logits(B=2, T=6, V=9, seed=0, masked=0.4):
     g = torch.Generator().manual_seed(seed)
@@ -28,10 +19,6 @@ def random_logits(B=2, T=6, V=9, seed=0, masked=0.4):
     labels[torch.rand(B, T, generator=g) < masked] = -100
     labels[0, 0] = 3  # at least one trained position
     return s, t, labels
-
-def micro(seed, **overrides):
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig.from_preset("micro", **overrides))
 
 def toy_batch(B=2, T=12, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -152,8 +139,7 @@ def test_distill_stage_smoke(tmp_path):
     from minimind.train import ensure_stage
     run = tmp_path / "run"
     sft = ensure_stage("sft", run, quick=True)
-    out = subprocess.run([sys.executable, "-m", "minimind.train", "distill", "--run-dir", str(run), *DISTILL_QUICK_ARGS],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    out = run_cli("distill", "--run-dir", run, *DISTILL_QUICK_ARGS)
     assert out.returncode == 0, out.stderr[-3000:]
     student, teacher = load_model(run / "distill" / "model"), load_model(sft / "model")
     assert student.config.vocab_size == teacher.config.vocab_size

@@ -1,9 +1,6 @@
 "DPO: the loss and its masks, the frozen and the cached reference, pair tokenization, bad input, and the `dpo` stage."
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,15 +9,10 @@ from hypothesis import given, settings, strategies as st
 from minimind.data import DataError, tinyworld
 from minimind.dpo import (DPO_QUICK_ARGS, DPODataset, DPOLoss, collate_pairs, dpo_loss, freeze, pairs, reference_logps,
                           sequence_logps)
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
-from minimind.tokenizer import MiniMindTokenizer, tinyworld_tokenizer
 
-torch.set_num_threads(1)
-VOCAB = 512
+from conftest import micro, run_cli
 
-def micro(seed:int, vocab:int=VOCAB)->MiniMindForCausalLM:
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig.from_preset("micro", vocab_size=vocab))
+VOCAB = 512  # the micro preset's vocabulary
 
 POLICY, REF = micro(0), freeze(micro(1))  # two different models: the loss is not the constant log 2
 
@@ -92,16 +84,12 @@ def test_gradient_flows_only_to_the_policy():
     assert all(p.grad is None for p in ref.parameters())
 
 @pytest.fixture(scope="module")
-def tok():
-    return MiniMindTokenizer.load(tinyworld_tokenizer(small=True))
-
-@pytest.fixture(scope="module")
 def val_file():
     return tinyworld(seed=0, scale=0.1) / "dpo_val.jsonl"
 
 def test_cached_reference_equals_live(tok, val_file):
     ds = DPODataset(val_file, tok)
-    policy, ref = micro(0, len(tok)), micro(1, len(tok))
+    policy, ref = micro(0, vocab_size=len(tok)), micro(1, vocab_size=len(tok))
     live_batch = ds.collate([ds[i] for i in range(4)])
     live, _ = DPOLoss(ref)(policy, live_batch)
     cached = reference_logps(ref, ds, batch_size=3)
@@ -166,10 +154,6 @@ def test_too_long_pairs_raise_or_are_cut_and_counted(tok, val_file, tmp_path):
         ds = DPODataset(val_file, tok, max_len=45, too_long="truncate")  # some prompts alone fill 45 tokens
     assert ds.skipped and len(ds) + len(ds.skipped) == n
     assert all((ds[i][f"{k}_labels"] != -100).any() for i in range(len(ds)) for k in ("chosen", "rejected"))
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minimind.train", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
 
 def test_dpo_stage_runs_from_the_sft_stage(tmp_path):
     from minimind.train import STAGES, ensure_stage

@@ -14,17 +14,10 @@ from torch import nn
 
 from minimind.engine import (GlobalBatchSampler, Trainer, TrainConfig, causal_lm_loss, latest_checkpoint,
                              load_checkpoint, param_groups)
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
+
+from conftest import micro, run_cli
 
 TESTS = Path(__file__).parent
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models on a shared 2-core CPU: one thread avoids OpenMP contention, which can slow these runs tenfold."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 class ToyTokens:
     "Random rows laid out like `PackedDataset` (labels aligned with inputs); `masked` rows are all -100."
@@ -37,14 +30,10 @@ class ToyTokens:
         if i in self.masked: y[:] = -100
         return {"input_ids": self.x[i, :-1], "labels": y}
 
-def micro_model(seed=0):
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig.from_preset("micro"))
-
 def train(out, steps, data=None, model=None, val=None, **kw):
     "A short run on the micro model; returns the finished trainer."
     kw = {"micro_batch": 4, "lr": 1e-2, "warmup": 2, "log_every": 1, "progress": False, "peak_flops": 1e12, **kw}
-    t = Trainer(micro_model() if model is None else model, ToyTokens(40) if data is None else data, causal_lm_loss,
+    t = Trainer(micro() if model is None else model, ToyTokens(40) if data is None else data, causal_lm_loss,
                 TrainConfig(out_dir=out, steps=steps, **kw), val_data=val)
     t.fit()
     return t
@@ -59,7 +48,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     # 40 rows, global batch 8 (micro 4 x accum 2): 5 steps per epoch, so the run crosses an epoch boundary
     straight = train(tmp_path/"straight", 8, accum=2, save_every=3)
     train(tmp_path/"resumed", 8, accum=2, save_every=3, stop_at=4)
-    resumed = train(tmp_path/"resumed", 8, accum=2, save_every=3, resume=True, model=micro_model(seed=99))
+    resumed = train(tmp_path/"resumed", 8, accum=2, save_every=3, resume=True, model=micro(seed=99))
     for p, q in zip(straight.params, resumed.params):
         assert torch.equal(p, q)
         for k in ("exp_avg", "exp_avg_sq", "step"): assert torch.equal(straight.opt.state[p][k], resumed.opt.state[q][k])
@@ -103,7 +92,7 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
     assert sorted(sum(one[:5], [])) == list(range(30)) and one[:5] != one[5:10]  # epochs: permutations, reshuffled
 
 def test_weight_decay_skips_norms_embeddings_and_biases(tmp_path):
-    model = micro_model()
+    model = micro()
     model.extra = nn.Linear(8, 8, bias=True)
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -113,7 +102,7 @@ def test_weight_decay_skips_norms_embeddings_and_biases(tmp_path):
     assert all("norm" in n or n in ("model.embed_tokens.weight", "extra.bias") for n in skipped)
     assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if n not in skipped}
     assert all(p.ndim == 2 for p in decay["params"])
-    t = Trainer(micro_model(), ToyTokens(8), causal_lm_loss, TrainConfig(tmp_path, micro_batch=4, weight_decay=0.1))
+    t = Trainer(micro(), ToyTokens(8), causal_lm_loss, TrainConfig(tmp_path, micro_batch=4, weight_decay=0.1))
     emb = t.model.model.embed_tokens.weight
     assert [g["weight_decay"] for g in t.opt.param_groups if any(p is emb for p in g["params"])] == [0.0]
 
@@ -132,7 +121,8 @@ def test_fully_masked_micro_batch_is_finite(tmp_path):
 KILL_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from test_engine import ToyTokens, micro_model
+from conftest import micro
+from test_engine import ToyTokens
 import minimind.engine as E
 replace = os.replace
 def slow_replace(src, dst):  # the temp file is complete; the rename has not happened yet
@@ -143,7 +133,7 @@ def slow_replace(src, dst):  # the temp file is complete; the rename has not hap
 os.replace = slow_replace
 cfg = E.TrainConfig(out_dir={out!r}, steps=6, micro_batch=4, lr=1e-2, warmup=2, save_every=2, keep=3, log_every=1,
                     progress=False, peak_flops=1e12)
-E.Trainer(micro_model(), ToyTokens(40), E.causal_lm_loss, cfg).fit()
+E.Trainer(micro(), ToyTokens(40), E.causal_lm_loss, cfg).fit()
 """
 
 def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
@@ -168,10 +158,6 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(tmp_path):
     assert not list(ckpts.glob("*.tmp"))  # the next save cleaned up the leftover
 
 # --- the command line, with one and two processes ---
-
-def run_cli(*args, launcher=(sys.executable, "-m")):
-    return subprocess.run([*launcher, "minimind.train", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 def metrics(path):
     return [json.loads(l) for l in Path(path).read_text().splitlines()]

@@ -1,7 +1,6 @@
 "Evaluation: token scoring, perplexity masks, the TinyWorld multiple-choice set, chance vs trained, bad files."
 import json
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
@@ -15,13 +14,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.sft import tokenize_conversations
 from minimind.train import ensure_stage
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def quick():
-    "The book's quick pretrained model (a few seconds to train on first use)."
-    return load_chat_model(ensure_stage("pretrain", quick=True) / "model")
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +146,7 @@ def test_reasoning_files_need_their_answers(quick, tmp_path):
     assert r["n"] == 3 and 0 <= r["accuracy"] <= 1 and r["format"] == 0
 
 
-def eval_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minimind.eval", *map(str, args)], capture_output=True, text=True, timeout=600)
+eval_cli = partial(run_cli, module="minimind.eval")
 
 
 def test_command_line(quick, tmp_path):

@@ -6,16 +6,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from minimind.generate import (IncrementalDecoder, KVCache, apply_repetition_penalty, decode_step, generate,
                                generate_text, generate_tokens, left_pad, sample_next, stream, top_k_filter,
                                top_p_filter)
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
+from minimind.model import MiniMindConfig
 
-
-def micro(qk_norm=True, **kw):
-    torch.manual_seed(0)
-    m = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", qk_norm=qk_norm, **kw)).eval()
-    with torch.no_grad():   # larger weights than the init so that logits differ clearly between tokens
-        for p in m.parameters():
-            if p.dim() == 2: p.normal_(0, 0.1)
-    return m
+from conftest import sharp_micro
 
 
 @torch.no_grad()
@@ -29,7 +22,7 @@ def greedy_full(model, ids, n):
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_cached_decode_equals_full_forward(qk_norm):
-    m = micro(qk_norm)
+    m = sharp_micro(qk_norm=qk_norm)
     ids = torch.randint(3, 512, (2, 6))
     with torch.no_grad():
         cache = KVCache.for_model(m, 2, 30)
@@ -45,7 +38,7 @@ def test_cached_decode_equals_full_forward(qk_norm):
 
 def test_chunked_prefill_equals_full_forward():
     "Several new tokens after a filled cache (e.g. the next chat turn) see the cache and each other causally."
-    m = micro()
+    m = sharp_micro()
     ids = torch.randint(3, 512, (1, 14))
     with torch.no_grad():
         cache = KVCache.for_model(m, 1, 14)
@@ -55,7 +48,7 @@ def test_chunked_prefill_equals_full_forward():
 
 
 def test_cache_is_preallocated_and_bounded():
-    m = micro()
+    m = sharp_micro()
     cache = KVCache.for_model(m, 1, 5)
     ptrs = [k.data_ptr() for k in cache.k]
     with torch.no_grad():
@@ -69,7 +62,7 @@ def test_cache_is_preallocated_and_bounded():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_batched_left_padded_greedy_equals_one_by_one(qk_norm):
-    m = micro(qk_norm)
+    m = sharp_micro(qk_norm=qk_norm)
     torch.manual_seed(1)
     prompts = [torch.randint(3, 512, (n,)).tolist() for n in (3, 11, 7, 1)]
     ids, mask = left_pad(prompts)
@@ -83,7 +76,7 @@ def test_batched_left_padded_greedy_equals_one_by_one(qk_norm):
 @pytest.mark.parametrize("explicit_positions", [False, True])
 def test_left_padded_decode_logits_equal_unpadded(explicit_positions):
     "Step by step, the logits of each left-padded row equal a full forward pass over that row alone."
-    m = micro()
+    m = sharp_micro()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     ids, mask = left_pad(prompts)
     B, T, n = *ids.shape, 6
@@ -104,7 +97,7 @@ def test_left_padded_decode_logits_equal_unpadded(explicit_positions):
 
 
 def test_batched_with_repetition_penalty_equals_one_by_one():
-    m = micro()
+    m = sharp_micro()
     prompts = [[5, 6, 7, 5, 9], [8, 8]]
     ids, mask = left_pad(prompts)
     out = generate(m, ids, mask, max_new_tokens=10, stop_ids=[], repetition_penalty=1.5)
@@ -116,7 +109,7 @@ def test_batched_with_repetition_penalty_equals_one_by_one():
 # ---- sampling ----------------------------------------------------------------------------------------------
 
 def test_temperature_zero_is_greedy():
-    m = micro()
+    m = sharp_micro()
     x = torch.randint(3, 512, (1, 5))
     want = greedy_full(m, x, 10)
     assert torch.equal(generate(m, x, max_new_tokens=10, temperature=0.0, stop_ids=[]), want)
@@ -124,7 +117,7 @@ def test_temperature_zero_is_greedy():
 
 
 def test_same_seed_same_sample():
-    m = micro()
+    m = sharp_micro()
     x = torch.randint(3, 512, (3, 5))
     kw = dict(max_new_tokens=16, temperature=1.0, top_k=100, top_p=0.95, stop_ids=[])
     a, b = generate(m, x, seed=123, **kw), generate(m, x, seed=123, **kw)
@@ -152,7 +145,7 @@ def test_sampling_filters():
 # ---- stopping ----------------------------------------------------------------------------------------------
 
 def test_max_new_tokens_and_stop_ids():
-    m = micro()
+    m = sharp_micro()
     ids, mask = left_pad([[5, 6, 7], [9, 10]])
     free = generate(m, ids, mask, max_new_tokens=9, stop_ids=[])
     assert free.shape == (2, 3 + 9)
@@ -170,7 +163,7 @@ def test_max_new_tokens_and_stop_ids():
 
 
 def test_default_stop_is_eos_and_positions_are_capped():
-    m = micro(eos_token_id=7, max_position_embeddings=24)
+    m = sharp_micro(eos_token_id=7, max_position_embeddings=24)
     steps = list(generate_tokens(m, torch.tensor([[5, 6]]), max_new_tokens=10_000))
     assert len(steps) <= 24 - 2
     assert all(s.item() != 7 for s in steps[:-1])
@@ -217,7 +210,7 @@ def test_incremental_decoder_never_splits_characters(tok):
 
 @pytest.mark.parametrize("prompt", ["一只小", [{"role": "user", "content": "小猫在哪里？"}]])
 def test_stream_joins_to_decoded_generation(tok, prompt):
-    m = micro(vocab_size=len(tok))
+    m = sharp_micro(vocab_size=len(tok))
     pieces = list(stream(m, tok, prompt, max_new_tokens=25, stop_ids=[]))
     text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True)
     ids = torch.tensor([tok.encode(text)])
@@ -250,7 +243,7 @@ def test_stream_of_chinese_from_a_scripted_model(tok):
 
 
 def test_stop_strings_cut_the_stream(tok):
-    m = micro(vocab_size=len(tok))
+    m = sharp_micro(vocab_size=len(tok))
     full = "".join(stream(m, tok, "The cat", max_new_tokens=30, stop_ids=[]))
     assert len(full) > 6
     cut = full[4:7]
@@ -259,7 +252,7 @@ def test_stop_strings_cut_the_stream(tok):
 
 
 def test_generate_text_batched_equals_single(tok):
-    m = micro(vocab_size=len(tok))
+    m = sharp_micro(vocab_size=len(tok))
     prompts = ["The cat", [{"role": "user", "content": "小猫?"}], "一只小猫和一只"]
     batched = generate_text(m, tok, prompts, max_new_tokens=10, stop_ids=[])
     assert batched == [generate_text(m, tok, [p], max_new_tokens=10, stop_ids=[])[0] for p in prompts]

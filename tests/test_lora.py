@@ -1,9 +1,6 @@
 "LoRA adapters: merged == adapter form, frozen base, save/load round trip, clear mismatch errors, the `lora` stage."
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,11 +12,7 @@ from minimind.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_QUICK_ARGS, LoR
                            lora_layers, lora_parameters, merge_lora, save_lora, unload_lora, unmerge_lora)
 from minimind.model import MiniMindConfig, MiniMindForCausalLM, fused_projections
 
-torch.set_num_threads(1)
-
-def micro(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig.from_preset("micro", **overrides)).eval()
+from conftest import micro, run_cli
 
 def trained_lora(model, seed=1, **kw):
     "Adapters on `model` with random (as if trained) A and B."
@@ -37,14 +30,14 @@ def logits(model, ids):
 IDS = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(0))
 
 def test_init_equals_base_and_every_projection_is_wrapped():
-    base, model = micro(), micro()
+    base, model = micro().eval(), micro().eval()
     names = apply_lora(model, rank=4, alpha=8)
     assert len(names) == 7 * model.config.num_hidden_layers  # q k v o gate up down, not square only
     assert {n.rsplit(".", 1)[1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert torch.equal(logits(model, IDS), logits(base, IDS))  # B = 0
 
 def test_merged_equals_adapter_form_and_unmerge_restores_base():
-    base, model = micro(), micro()
+    base, model = micro().eval(), micro().eval()
     trained_lora(model, rank=8, alpha=16)
     adapter = logits(model, IDS)
     assert (adapter - logits(base, IDS)).abs().max() > 1e-2  # the adapters do change the model
@@ -64,7 +57,7 @@ def test_layer_scales_by_alpha_over_rank_and_freezes_its_base():
     torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=0)
 
 def test_only_adapters_train_and_change():
-    model = micro()
+    model = micro().eval()
     apply_lora(model, rank=4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
@@ -80,7 +73,7 @@ def test_only_adapters_train_and_change():
     assert changed == trainable
 
 def test_fused_generation_with_adapters_attached():
-    model = micro()
+    model = micro().eval()
     trained_lora(model, rank=4)
     with fused_projections(model):
         attn = model.model.layers[0].self_attn
@@ -93,7 +86,7 @@ def test_fused_generation_with_adapters_attached():
     assert torch.equal(generate(model, prompt, max_new_tokens=10, stop_ids=[]), ids)
 
 def test_save_load_round_trip(tmp_path):
-    base, model = micro(), micro()
+    base, model = micro().eval(), micro().eval()
     trained_lora(model, rank=4, alpha=8)
     want = logits(model, IDS)
     path = save_lora(model, tmp_path/"adapter")
@@ -102,13 +95,13 @@ def test_save_load_round_trip(tmp_path):
     assert (meta["rank"], meta["alpha"], meta["base_config"]["hidden_size"]) == (4, 8, 64)
     load_lora(base, path)  # a plain model: wrapped from the file's targets
     assert torch.equal(logits(base, IDS), want)
-    other = micro(seed=5)
+    other = micro(seed=5).eval()
     apply_lora(other, rank=4, alpha=8)  # the same adapters already attached: overwritten
     load_lora(other, path)
     assert all(torch.equal(a, b) for a, b in zip(lora_parameters(other), lora_parameters(model)))
 
 def test_merged_export_loads_as_a_plain_model(tmp_path):
-    model = micro()
+    model = micro().eval()
     trained_lora(model, rank=4)
     want = logits(model, IDS)
     export_hf(unload_lora(model), tmp_path/"model")
@@ -116,32 +109,32 @@ def test_merged_export_loads_as_a_plain_model(tmp_path):
     torch.testing.assert_close(logits(load_model(tmp_path/"model"), IDS), want, atol=1e-5, rtol=0)
 
 def test_mismatched_model_errors_clearly(tmp_path):
-    model = micro()
+    model = micro().eval()
     trained_lora(model, rank=4)
     path = save_lora(model, tmp_path/"adapter")
     with pytest.raises(ValueError, match="hidden_size: adapter 64, model 128"):
-        load_lora(micro(hidden_size=128), path)
-    other = micro()
+        load_lora(micro(hidden_size=128).eval(), path)
+    other = micro().eval()
     apply_lora(other, rank=8)
     with pytest.raises(ValueError, match="rank: file 4, model \\[8\\]"):
         load_lora(other, path)
-    other = micro()
+    other = micro().eval()
     apply_lora(other, rank=4, targets="attn")
     with pytest.raises(ValueError, match="adapted layers differ"):
         load_lora(other, path)
     with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
-        load_lora(micro(), tmp_path)
+        load_lora(micro().eval(), tmp_path)
     from safetensors.torch import load_file, save_file  # a tensor of the wrong shape in the file
     sd = load_file(path/ADAPTER_WEIGHTS)
     sd["model.layers.0.self_attn.q_proj.lora_A"] = torch.zeros(4, 65)
     save_file(sd, path/ADAPTER_WEIGHTS)
     with pytest.raises(WeightsError, match="q_proj.lora_A file \\(4, 65\\) != model \\(4, 64\\)"):
-        load_lora(micro(), path)
+        load_lora(micro().eval(), path)
 
 def test_tied_lm_head_and_bad_targets_are_refused():
-    with pytest.raises(ValueError, match="tied"): apply_lora(micro(), targets="lm_head")
-    with pytest.raises(ValueError, match="match none"): apply_lora(micro(), targets="nothing_here")
-    model = micro()
+    with pytest.raises(ValueError, match="tied"): apply_lora(micro().eval(), targets="lm_head")
+    with pytest.raises(ValueError, match="match none"): apply_lora(micro().eval(), targets="nothing_here")
+    model = micro().eval()
     apply_lora(model)
     with pytest.raises(ValueError, match="already has LoRA"): apply_lora(model)
 
@@ -159,9 +152,7 @@ def test_lora_stage_smoke(tmp_path):
     pytest.importorskip("minimind.sft")
     from minimind.train import ensure_stage
     ensure_stage("sft", tmp_path, quick=True)  # data, tokenizer, pretrain and sft, each its quick version
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "minimind.train", "lora", "--run-dir", str(tmp_path), *LORA_QUICK_ARGS],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = run_cli("lora", "--run-dir", tmp_path, *LORA_QUICK_ARGS)
     assert out.returncode == 0, out.stderr[-3000:]
     lora = tmp_path/"lora"
     meta = json.loads((lora/"adapter"/ADAPTER_CONFIG).read_text())

@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from minimind.model import (PRESETS, Attention, MiniMindConfig, MiniMindForCausalLM, lm_loss, precompute_rope,
                             rope_frequencies, yarn_frequencies, YARN_DEFAULT)
 
-
-def micro(**kw):
-    torch.manual_seed(0)
-    return MiniMindForCausalLM(MiniMindConfig.from_preset("micro", **kw)).eval()
+from conftest import micro
 
 
 def meta_model(name):
@@ -73,7 +70,7 @@ def test_parameter_counts_match_upstream():
 
 
 def test_tied_embeddings_counted_once():
-    m = micro()
+    m = micro().eval()
     assert m.lm_head.weight is m.model.embed_tokens.weight
     untied = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", tie_word_embeddings=False))
     assert untied.num_parameters() - m.num_parameters() == 512 * 64
@@ -190,7 +187,7 @@ def test_loss_ignores_minus_100():
 
 
 def test_model_loss_and_aux():
-    m = micro()
+    m = micro().eval()
     ids = torch.randint(0, 512, (2, 12))
     labels = ids.clone(); labels[:, :5] = -100
     out = m(ids, labels=labels)
@@ -200,7 +197,7 @@ def test_model_loss_and_aux():
 
 
 def test_left_padding_matches_unpadded():
-    m = micro()
+    m = micro().eval()
     ids = torch.randint(3, 512, (1, 7))
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
     mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 7)], 1).long()
@@ -254,8 +251,7 @@ def test_yarn_only_beyond_original_window():
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_fused_projections_same_logits_and_temporary(qk_norm):
     from minimind.model import fused_projections
-    torch.manual_seed(0)
-    m = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", qk_norm=qk_norm)).eval()
+    m = micro(qk_norm=qk_norm).eval()
     ids = torch.randint(0, 512, (2, 9))
     keys = sorted(m.state_dict())
     with torch.no_grad():

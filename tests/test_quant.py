@@ -9,14 +9,7 @@ from minimind.generate import generate, generate_tokens
 from minimind.model import MiniMindConfig, MiniMindForCausalLM, fused_projections
 from minimind.quant import Int8Linear, quantize_model, quantize_weight
 
-
-def micro(qk_norm=True):
-    torch.manual_seed(0)
-    m = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", qk_norm=qk_norm)).eval()
-    with torch.no_grad():   # larger weights than the init so that logits differ clearly between tokens
-        for p in m.parameters():
-            if p.dim() == 2: p.normal_(0, 0.1)
-    return m
+from conftest import sharp_micro
 
 
 def rel_err(a, b): return ((a - b).norm() / b.norm()).item()
@@ -72,7 +65,7 @@ def test_fuse_is_exact_rows_side_by_side():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_quantize_model_replaces_linears_and_unties_lm_head(qk_norm):
-    m = micro(qk_norm)
+    m = sharp_micro(qk_norm=qk_norm)
     n_linear = sum(isinstance(x, nn.Linear) for x in m.modules())
     q = quantize_model(copy.deepcopy(m))
     assert not any(isinstance(x, nn.Linear) for x in q.modules())
@@ -88,7 +81,7 @@ def test_quantize_model_replaces_linears_and_unties_lm_head(qk_norm):
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_quantized_greedy_decode_matches_its_full_forward(qk_norm):
-    q = quantize_model(micro(qk_norm))
+    q = quantize_model(sharp_micro(qk_norm=qk_norm))
     torch.manual_seed(4)
     ids = torch.randint(3, 512, (2, 6))
     out = generate(q, ids, max_new_tokens=12, stop_ids=[])
@@ -99,7 +92,7 @@ def test_quantized_greedy_decode_matches_its_full_forward(qk_norm):
 
 
 def test_quantized_model_fuses_during_generation():
-    q = quantize_model(micro())
+    q = quantize_model(sharp_micro())
     attn = q.model.layers[0].self_attn
     with torch.inference_mode(), fused_projections(q):
         assert attn.fused_qkv is not None and q.model.layers[0].mlp.fused_gate_up is not None
@@ -108,7 +101,7 @@ def test_quantized_model_fuses_during_generation():
 
 
 def test_quantized_state_dict_round_trip(tmp_path):
-    q = quantize_model(micro())
+    q = quantize_model(sharp_micro())
     sd = q.state_dict()
     assert sd["lm_head.weight"].dtype == torch.int8 and sd["lm_head.scale"].dtype == torch.float32
     assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8

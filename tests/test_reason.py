@@ -15,7 +15,8 @@ from minimind.reason import (Curriculum, answer_correct, clipped_objective, extr
                              group_advantages, grpo_loss, k3_kl, pack_rollouts, partial_credit, read_problems, reason_loss,
                              reward, tag_weights)
 
-torch.set_num_threads(1)
+from conftest import micro, run_cli
+
 GOOD = "<think>\nOnes: 2 + 7 = 9. Write 9.\nSo 12 + 7 = 19.\n</think>\n<answer>\n19\n</answer>"
 
 # --- rewards ---
@@ -133,9 +134,7 @@ def test_curriculum_trains_where_groups_can_disagree():
 # --- distillation loss ---
 
 def test_tag_weighting_changes_only_tag_positions():
-    from minimind.model import MiniMindConfig, MiniMindForCausalLM
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(MiniMindConfig.from_preset("micro"))
+    model = micro()
     ids = torch.randint(11, 512, (2, 12))
     labels = torch.roll(ids, -1, 1)
     labels[0, 4], labels[1, 7], labels[1, 2] = 3, 6, 4  # tag targets
@@ -212,10 +211,7 @@ def test_ddp_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
     for k in ("loss", "kl", "clip_frac", "ratio"): assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
     assert one["stats"]["clip_frac"] > 0  # several steps per batch: the ratio moved and the clip acted
-    start = {}
-    torch.manual_seed(0)
-    from minimind.model import MiniMindConfig, MiniMindForCausalLM
-    start = MiniMindForCausalLM(MiniMindConfig.from_preset("micro")).state_dict()
+    start = micro().state_dict()  # the weights both runs began from
     moved = 0
     for k, v in one["params"].items():
         torch.testing.assert_close(two["params"][k], v, rtol=0, atol=2e-6)
@@ -223,10 +219,6 @@ def test_ddp_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     assert moved > 0
 
 # --- the stages, through the command line ---
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minimind.train", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):

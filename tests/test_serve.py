@@ -5,8 +5,6 @@ import json
 import os
 import select
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -14,37 +12,25 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from minimind.chat import ChatModel, load_chat_model
+from minimind.chat import ChatModel
 from minimind.generate import generate_text
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind.serve import APIError, BackgroundServer, Engine, Job, Limits, build_parser, make_app, parse_chat_request
-from minimind.tokenizer import MiniMindTokenizer, tinyworld_tokenizer
-from minimind.train import ensure_stage
 
-torch.set_num_threads(1)
+from conftest import micro, run_cli
 
 
 @pytest.fixture(scope="module")
-def trained():
-    "The book's quick pretrained model (trained on first use, a few seconds)."
-    return load_chat_model(ensure_stage("pretrain", quick=True) / "model")
-
-
-@pytest.fixture(scope="module")
-def server(trained):
-    app = make_app(trained)
+def server(quick):
+    app = make_app(quick)
     with BackgroundServer(app) as srv:
-        yield srv, app, trained
+        yield srv, app, quick
 
 
 @pytest.fixture(scope="module")
-def random_server():
+def random_server(tok):
     "A random `micro` model: its greedy replies run to max_tokens, so a cancelled stream is certainly cut short."
-    tok = MiniMindTokenizer.load(tinyworld_tokenizer(small=True))
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", vocab_size=len(tok))).eval()
+    model = micro(vocab_size=len(tok)).eval()
     cm = ChatModel(model, tok, Path("micro"))
     app = make_app(cm, limits=Limits(context=512, max_tokens=500))
     with BackgroundServer(app) as srv:
@@ -218,9 +204,9 @@ def test_server_survives_malformed_requests_and_framework_errors(random_server):
     assert r.status_code == 200 and httpx.get(f"{srv.url}/health").json()["status"] == "ok"
 
 
-def test_validation_is_a_pure_function(trained):
+def test_validation_is_a_pure_function(quick):
     "parse_chat_request gives the prompt ids of the chat template and the defaults, without a server."
-    tok, limits = trained.tokenizer, Limits(context=100, default_max_tokens=50)
+    tok, limits = quick.tokenizer, Limits(context=100, default_max_tokens=50)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     r = parse_chat_request(json.dumps({"model": "m", "messages": msgs}).encode(), tok, "m", limits)
     ids = tok.apply_chat_template([msgs[0], {"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True)
@@ -231,26 +217,25 @@ def test_validation_is_a_pure_function(trained):
     assert e.value.code == "context_length_exceeded"
 
 
-def test_full_queue_is_refused_with_503(trained):
-    engine = Engine(trained.model, trained.tokenizer, max_active=1, max_queue=2)  # not started: nothing is taken
-    r = parse_chat_request(json.dumps(chat(trained, "hi")).encode(), trained.tokenizer, trained.name, Limits(context=512))
+def test_full_queue_is_refused_with_503(quick):
+    engine = Engine(quick.model, quick.tokenizer, max_active=1, max_queue=2)  # not started: nothing is taken
+    r = parse_chat_request(json.dumps(chat(quick, "hi")).encode(), quick.tokenizer, quick.name, Limits(context=512))
     for _ in range(2): engine.submit(Job(r, emit=lambda ev: None))
     with pytest.raises(APIError) as e: engine.submit(Job(r, emit=lambda ev: None))
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "server_overloaded"
 
 
-def test_api_key_and_localhost_default(trained):
+def test_api_key_and_localhost_default(quick):
     assert build_parser().parse_args(["--model", "x"]).host == "127.0.0.1"
-    app = make_app(trained, api_key="sekret")
+    app = make_app(quick, api_key="sekret")
     with BackgroundServer(app) as srv:
         assert httpx.get(f"{srv.url}/v1/models").status_code == 401
         ok = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": "Bearer sekret"})
-        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == trained.name
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == quick.name
 
 
 def test_command_line_reports_a_bad_model(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "minimind.serve", "--model", str(tmp_path / "nothing")],
-                         capture_output=True, text=True, timeout=120)
+    out = run_cli("--model", tmp_path / "nothing", module="minimind.serve")
     assert out.returncode == 1 and "no such file or folder" in out.stderr
 
 

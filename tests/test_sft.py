@@ -9,18 +9,15 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from minimind.data import DataError, read_jsonl, tinyworld
 from minimind.engine import causal_lm_loss
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind.sft import (ASSISTANT_HEADER, IGNORE, ConversationTooLong, SFTDataset, gold_answers, graded_turns,
                           pack_best_fit, prompt_ids, sft_collate, shift_labels, tokenize_conversation,
                           tokenize_conversations)
-from minimind.tokenizer import MiniMindTokenizer, tinyworld_tokenizer
+from minimind.tokenizer import MiniMindTokenizer
 
-torch.set_num_threads(1)
+from conftest import micro
+
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-@pytest.fixture(scope="module")
-def tok(): return MiniMindTokenizer.load(tinyworld_tokenizer(small=True))
 
 @pytest.fixture(scope="module")
 def records(): return list(read_jsonl(tinyworld(seed=0, scale=0.1)/"sft.jsonl", "sft"))
@@ -29,9 +26,7 @@ def records(): return list(read_jsonl(tinyworld(seed=0, scale=0.1)/"sft.jsonl", 
 def packed(tok, records): return SFTDataset(records, tok, 512)
 
 @pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return MiniMindForCausalLM(MiniMindConfig.from_preset("micro", vocab_size=len(tok))).eval()
+def model(tok): return micro(vocab_size=len(tok)).eval()
 
 def loss_of(model, x, y): # x, y: (T,) arrays -> scalar loss of one row
     return causal_lm_loss(model, {"input_ids": torch.as_tensor(x)[None], "labels": torch.as_tensor(y)[None]})[0]
@@ -112,7 +107,7 @@ def test_fully_masked_batch_gives_zero_loss_and_finite_grads(tok, packed):
     item = packed[0]
     batch = {"input_ids": item["input_ids"][None], "labels": torch.full_like(item["labels"], IGNORE)[None]}
     batch = sft_collate([{k: v[0] for k, v in batch.items()}])
-    m = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", vocab_size=len(tok)))
+    m = micro(vocab_size=len(tok))
     loss = causal_lm_loss(m, batch)[0]
     loss.backward()
     assert loss.item() == 0.0

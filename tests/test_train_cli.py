@@ -1,18 +1,12 @@
 "The `python -m minimind.train` command: its stages, their chaining through the run folder, and torchrun."
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from minimind.tokenizer import MiniMindTokenizer
 
-def run_cli(*args, launcher=(sys.executable, "-m"), cwd=None):
-    "Run the command line as a user would and return the finished process."
-    return subprocess.run([*launcher, "minimind.train", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+from conftest import run_cli
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
