@@ -8,12 +8,14 @@ Modules:
 - `minimind.engine`: The training loop every stage of the book uses: mixed precision, gradient accumulation, clipping, a warmup + cosine schedule, held-out evaluation, atomic checkpoints with exact resume, and DDP under `torchrun`.
 - `minimind.eval`: `python -m minimind.eval --model RUN_OR_DIR --task ...`: held-out perplexity, multiple-choice accuracy by log-likelihood (C-Eval / CMMLU style, and a TinyWorld set made offline), and reasoning accuracy; one table for every model the book trains.
 - `minimind.generate`: One inference engine for the whole book: a preallocated KV cache, greedy and sampled decoding, stop tokens and strings, streaming text, and batches of prompts of different lengths.
+- `minimind.grpo`: Group relative policy optimisation with verifiable rewards: group-relative advantages, a clipped ratio, a KL leash and a difficulty curriculum, as a batch source and a loss on the one training engine.
 - `minimind.hub`: Load upstream MiniMind checkpoints with `strict=True`, and export ours so that `transformers` loads them as Llama or Qwen3, with no custom code.
 - `minimind.lora`: Fine-tune a model by training two thin matrices per layer instead of the whole weight: the rank and the alpha/rank scaling, which layers to adapt, adapters saved alone in a small file, loaded, merged and unmerged, and a new name for the assistant in under a minute on a CPU.
 - `minimind.model`: RMSNorm, rotary positions with YaRN, grouped-query attention, SwiGLU, and the causal language model whose weights load upstream's MiniMind checkpoints as they are.
 - `minimind.moe`: A router sends each token to a few of many feed-forward experts: top-k routing, routed and shared experts, grouped dispatch, the load-balance loss and auxiliary-loss-free balancing, with upstream's parameter names.
 - `minimind.quant`: Decoding one token streams every weight from memory once: we measure that limit, bring the engine's fp32 decode close to it, then halve the bytes twice over with int8 weights, at the same held-out perplexity.
-- `minimind.reason`: R1-style reasoning for a small model: distil exact think traces, then reinforce what a program can check with GRPO (group-relative advantages, a clipped ratio, a KL leash and a difficulty curriculum).
+- `minimind.reason`: R1-style reasoning for a small model: exact think traces distilled with weighted tags, rewards a program can check, and accuracy on held-out problems.
+- `minimind.runs`: What a stage is, where it writes, how it knows that the stages it reads are done and still valid, and where this process stands among the processes `torchrun` started.
 - `minimind.serve`: `python -m minimind.serve --model RUN_OR_DIR`: `POST /v1/chat/completions` (plain and streamed), `GET /v1/models`, OpenAI-style errors, concurrent requests on one model, and a small chat page at `/`.
 - `minimind.shards`: Pretraining text is validated and tokenized once, in parallel, into a flat `uint16` token file cached by content; training reads fixed-length packed rows straight from the file, so memory stays flat however big the corpus is."""
 

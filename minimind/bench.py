@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import cache_dir, read_jsonl, tinyworld
+from .data import cache_dir, read_jsonl
+from .tinyworld import tinyworld
 from .engine import Trainer, TrainConfig, causal_lm_loss, flops_per_token, measure_peak_flops
 from .generate import generate_tokens
 import minimind.model

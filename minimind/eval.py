@@ -20,14 +20,15 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .chat import MAIN_LINE, ChatModel, add_model_args, load_from_args
-from .data import (FACTS, TINYWORLD_VERSION, DataError, ask_fact, cache_dir, read_jsonl, say_fact, sniff_kind,
-                           tinyworld, write_jsonl)
+from .chat import add_model_args, load_from_args
+from .data import DataError, cache_dir, read_jsonl, sniff_kind, write_jsonl
 from .model import MiniMindForCausalLM
 from .reason import read_problems, reasoning_accuracy
+from .runs import code_hash
 from .sft import tokenize_conversations
+from .tinyworld import TINYWORLD_VERSION, tinyworld
+from .world import FACTS, ask_fact, say_fact
 
 # %% ../nbs/12_eval.ipynb #40cb66b3
 @torch.no_grad()
@@ -113,10 +114,8 @@ def tinyworld_choices(seed:int=0, # the random stream for questions, distractors
 def tinyworld_choices_file(seed:int=0, # the random stream
                           )->Path: # cache_dir()/eval/tinyworld-choices-...jsonl, written on first use
     "The TinyWorld multiple-choice file."
-    path = cache_dir()/"eval"/f"tinyworld-choices-v{TINYWORLD_VERSION}-seed{seed}.jsonl"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(path, tinyworld_choices(seed))
+    path = cache_dir()/"eval"/f"tinyworld-choices-{code_hash('minimind.eval')[:12]}-seed{seed}.jsonl"  # remade when the code changes
+    if not path.exists(): write_jsonl(path, tinyworld_choices(seed))
     return path
 
 # %% ../nbs/12_eval.ipynb #bc9fd99c

@@ -8,9 +8,10 @@ Docs: https://minimind-book.github.io/minimind/lora.html.md"""
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'CONFIG_FIELDS_IGNORED', 'IDENTITY_FILE', 'LORA_STEPS',
-           'LORA_QUICK_ARGS', 'LoRALinear', 'lora_layers', 'lora_parameters', 'apply_lora', 'merge_lora',
+           'LORA_QUICK_ARGS', 'LORA', 'LoRALinear', 'lora_layers', 'lora_parameters', 'apply_lora', 'merge_lora',
            'unmerge_lora', 'unload_lora', 'save_lora', 'read_lora_config', 'config_differences', 'load_lora',
-           'user_questions', 'other_topics', 'with_replay', 'identity_probe', 'add_lora_args', 'run_lora']
+           'user_questions', 'other_topics', 'with_replay', 'identity_probe', 'add_lora_args', 'lora_conversations',
+           'lora_eval', 'run_lora']
 
 # %% ../nbs/06_lora.ipynb #383f6b68
 import argparse
@@ -25,9 +26,15 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .engine import atomic_write
-from .hub import WeightsError
+from .data import atomic_write, read_jsonl
+from .engine import AMP_DTYPES, Trainer, add_engine_args, causal_lm_loss, engine_config
+from .generate import generate_text
+from .hub import WeightsError, load_model
 from .model import Linear
+from .runs import Input, Stage, dist_context, register, say
+from .sft import SFT, SFTDataset, sft_collate, sft_eval
+from .tinyworld import ASSISTANT_NAME, DATA, IDENTITY_Q, LORA_NAME
+from .tokenizer import MiniMindTokenizer
 
 # %% ../nbs/06_lora.ipynb #c57494ea
 class LoRALinear(nn.Module):
@@ -268,8 +275,6 @@ def identity_probe(model:nn.Module, # a chat model (eval mode)
                    max_new_tokens:int=64, # most tokens per reply
                   )->list[dict]: # per question: lang, question, reply, says_new, says_old
     "Ask the model TinyWorld's identity questions (English and Chinese, greedy) and check which name it gives."
-    from minimind.data import ASSISTANT_NAME, IDENTITY_Q, LORA_NAME
-    from minimind.generate import generate_text
     qs = [(lang, q) for lang in ("en", "zh") for q in IDENTITY_Q[lang]]
     replies = generate_text(model, tok, [[{"role": "user", "content": q}] for _, q in qs], max_new_tokens,
                             stop_ids=[tok.eos_id, tok.pad_id])
@@ -281,13 +286,14 @@ LORA_STEPS = 120  # default budget without --steps or --epochs: about 12 passes 
 
 def add_lora_args(p:argparse.ArgumentParser):
     "The `lora` stage's flags."
-    from minimind.engine import add_engine_args
-    p.add_argument("--init", type=Path, default=None, help="model folder to adapt (default: RUN_DIR/sft/model, fine-tuned first if missing)")
+    p.add_argument("--init", type=Path, default=None, help="model folder to adapt (default: RUN_DIR/sft/model)")
     p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help=f"JSONL files of {{'conversations'}} records (default: RUN_DIR/data/{IDENTITY_FILE}, built if missing)")
+                   help=f"JSONL files of {{'conversations'}} records (default: RUN_DIR/data/{IDENTITY_FILE})")
     p.add_argument("--replay", type=int, default=200,
-                   help="SFT conversations on other topics (RUN_DIR/data/sft.jsonl) mixed into TinyWorld's identity data, "
-                        "so the other topics are not forgotten; 0: none; ignored with --data")
+                   help="SFT conversations on other topics (from --replay-data) mixed into the adapter's data, "
+                        "so the other topics are not forgotten; 0: none")
+    p.add_argument("--replay-data", type=Path, nargs="+", default=None,
+                   help="SFT JSONL files to replay from (default: RUN_DIR/data/sft.jsonl without --data, none with it)")
     p.add_argument("--val-data", type=Path, default=None,
                    help="held-out conversations; those that ask a question of the training data are left out, the rest "
                         "measure the other topics (default: TinyWorld's sft_val.jsonl without --data, none with it)")
@@ -303,91 +309,76 @@ def add_lora_args(p:argparse.ArgumentParser):
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of a generated reply")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/lora): adapter/, model/, checkpoints")
 
-LORA_QUICK_ARGS = ["--steps", "6", "--micro-batch", "4", "--eval-every", "3", "--eval-batches", "2",
-                   "--eval-graded", "8", "--max-new-tokens", "24"]
+LORA_QUICK_ARGS = ("--steps", "6", "--micro-batch", "4", "--eval-every", "3", "--eval-batches", "2",
+                   "--eval-graded", "8", "--max-new-tokens", "24")
 
 # %% ../nbs/06_lora.ipynb #daa5debe
-def _lora_start(args:argparse.Namespace)->Path:
-    "The model folder to adapt: --init, or the run folder's SFT model (fine-tuned first if missing)."
-    if args.init: return Path(args.init)
-    from minimind.train import DistContext, ensure_stage
-    prev = Path(args.run_dir)/"sft"
-    if not (prev/"done.json").exists():  # (when it is there we do not call ensure_stage, which may hold the lock already)
-        if DistContext.from_env().world_size > 1:
-            raise SystemExit(f"error: no finished sft stage in {args.run_dir}: run it first, or pass --init")
-        prev = ensure_stage("sft", args.run_dir)
-    return prev/"model"
+def lora_conversations(args:argparse.Namespace, # the `lora` stage's flags, inputs resolved
+                       tok:MiniMindTokenizer, # the model's tokenizer
+                      )->tuple[list, list, list|None]: # the adapter's own, the training ones (with replay), held-out ones
+    "The adapter's conversations, the training conversations with the replayed ones, and the held-out ones on other topics."
+    own = [r for f in args.data for r in read_jsonl(f, "sft")]
+    train = own
+    if args.replay_data:
+        replay = [r for f in args.replay_data for r in read_jsonl(f, "sft")] if args.replay else []
+        train = with_replay(own, replay, args.replay, args.seed, tok, args.seq_len)
+    if not args.val_data: return own, train, None
+    held_out = list(read_jsonl(args.val_data, "sft"))
+    val = other_topics(held_out, own)
+    say(f"held-out: {len(val)} of {len(held_out)} conversations in {args.val_data} ask no question of the training data")
+    return own, train, val or None
 
-def _lora_data(args:argparse.Namespace, tok)->tuple[list, list, Path|None]:
-    "The adapter's own conversations, the training conversations (with any replay) and the held-out file."
-    from minimind.data import read_jsonl
-    if args.data:
-        own = [r for f in args.data for r in read_jsonl(f, "sft")]
-        return own, own, args.val_data
-    data = Path(args.run_dir)/"data"
-    if not (data/IDENTITY_FILE).exists():
-        from minimind.train import ensure_stage
-        data = ensure_stage("data", args.run_dir)
-    own = list(read_jsonl(data/IDENTITY_FILE, "sft"))
-    replay = list(read_jsonl(data/"sft.jsonl", "sft")) if args.replay else []
-    return own, with_replay(own, replay, args.replay, args.seed, tok, args.seq_len), args.val_data or data/"sft_val.jsonl"
+def lora_eval(model:nn.Module, tok, # the model (adapted or not) and its tokenizer
+              args:argparse.Namespace, # the stage's flags
+              val:list|None, # held-out conversations on other topics
+              probe:bool, # also ask TinyWorld's identity questions
+             )->dict: # held-out numbers, and the identity probe's counts
+    "The other topics' held-out numbers, and which name the model gives (rank 0; {} elsewhere)."
+    if not dist_context().is_main: return {}
+    out = sft_eval(model, tok, val, args.seq_len, args.eval_graded or None, max_new_tokens=args.max_new_tokens) if val else {}
+    if probe:
+        model.eval()
+        rows = identity_probe(model, tok, args.max_new_tokens)
+        model.train()
+        out |= {"new name": sum(r["says_new"] for r in rows), "old name": sum(r["says_old"] for r in rows), "asked": len(rows)}
+    return out
 
-def run_lora(args:argparse.Namespace, # parsed `lora` flags, with `run_dir`
+# %% ../nbs/06_lora.ipynb #e8c60673
+def run_lora(args:argparse.Namespace, # the `lora` stage's flags, inputs resolved
             )->dict: # held-out numbers before -> after, the new name's rate, the adapter's size
     "Train LoRA adapters on a chat model (the base frozen); write OUT/adapter (the adapters alone) and OUT/model (merged)."
-    from minimind.data import LORA_NAME, read_jsonl
-    from minimind.engine import AMP_DTYPES, Trainer, causal_lm_loss, engine_config
-    from minimind.hub import export_hf, load_model
-    from minimind.sft import SFTDataset, sft_collate, sft_eval
-    from minimind.tokenizer import MiniMindTokenizer
-    from minimind.train import DistContext
-    ctx = DistContext.from_env()
-    init = _lora_start(args)
-    tok, model = MiniMindTokenizer.load(init), load_model(init)
-    own, train_records, val_file = _lora_data(args, tok)
+    tok, model = MiniMindTokenizer.load(args.init), load_model(args.init)
     if args.seq_len > model.config.max_position_embeddings:
         raise SystemExit(f"error: --seq-len {args.seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    own, train_records, val_records = lora_conversations(args, tok)
     train = SFTDataset(train_records, tok, args.seq_len)
-    val_records = None
-    if val_file:
-        held_out = list(read_jsonl(val_file, "sft"))
-        val_records = other_topics(held_out, own)
-        if ctx.is_main: print(f"held-out: {len(val_records)} of {len(held_out)} conversations in {val_file} ask no question of the training data")
-        if not val_records: val_records = None
     val = SFTDataset(val_records, tok, args.seq_len, pack=False, too_long="skip") if val_records else None
-    probe = args.data is None  # TinyWorld's identity file: ask who the model is, before and after
-    def evaluate()->dict:
-        if not ctx.is_main: return {}
-        out = sft_eval(model, tok, val_records, args.seq_len, args.eval_graded or None,
-                       max_new_tokens=args.max_new_tokens) if val_records else {}
-        if probe:
-            model.eval()
-            rows = identity_probe(model, tok, args.max_new_tokens)
-            model.train()
-            out |= {"new name": sum(r["says_new"] for r in rows), "old name": sum(r["says_old"] for r in rows), "asked": len(rows)}
-        return out
-    before = evaluate()
+    probe = [Path(p) for p in args.data] == [Path(args.run_dir)/"data"/IDENTITY_FILE]  # TinyWorld's identity data
+    before = lora_eval(model, tok, args, val_records, probe)
     torch.manual_seed(args.seed)  # the adapters' A matrices
     names = apply_lora(model, args.rank, args.alpha, args.dropout, args.targets)
     n_train, n_all = sum(p.numel() for p in lora_parameters(model)), sum(p.numel() for p in model.parameters())
     out = args.out or Path(args.run_dir)/"lora"
-    cfg = engine_config(args, out)
-    if ctx.is_main:
-        print(f"lora: rank {args.rank}, alpha {args.alpha} on {len(names)} layers ({args.targets}) of {init}: "
-              f"{n_train:,} trainable parameters of {n_all:,} ({n_train / n_all:.2%}); train {train}; held-out {val}")
-    trainer = Trainer(model.train(), train, causal_lm_loss, cfg, val_data=val, collate_fn=sft_collate)
+    say(f"lora: rank {args.rank}, alpha {args.alpha} on {len(names)} layers ({args.targets}) of {args.init}: "
+        f"{n_train:,} trainable parameters of {n_all:,} ({n_train / n_all:.2%}); train {train}; held-out {val}")
+    trainer = Trainer(model.train(), train, causal_lm_loss, engine_config(args, out), val_data=val, collate_fn=sft_collate)
     result = trainer.fit()
-    after = evaluate()
+    after = lora_eval(model, tok, args, val_records, probe)
     numbers = {f"{k} (other topics)": f"{before[k]:.3f} -> {after[k]:.3f}" for k in ("val ce", "accuracy") if k in before}
     if probe and before:
         numbers[f"says {LORA_NAME['en']}/{LORA_NAME['zh']}"] = f"{before['new name']}/{before['asked']} -> {after['new name']}/{after['asked']}"
         numbers["says MiniMind"] = f"{before['old name']}/{before['asked']} -> {after['old name']}/{after['asked']}"
-    numbers |= {"trainable": f"{n_train / n_all:.2%}", "steps": result["step"],
-                "train loss": round(result.get("loss", float("nan")), 3)}
-    if ctx.is_main and trainer.step == trainer.total:
+    numbers |= {"trainable": f"{n_train / n_all:.2%}", "steps": result["step"], "train loss": round(result.get("loss", float("nan")), 3)}
+    complete = trainer.step == trainer.total
+    if complete and dist_context().is_main:
         adapter = save_lora(model, out/"adapter", AMP_DTYPES[args.adapter_dtype])
         numbers["adapter MB"] = round((adapter/ADAPTER_WEIGHTS).stat().st_size / 1e6, 3)
-        print(f"adapters alone (load with minimind.lora.load_lora onto {init}) in {adapter}")
-        print(f"merged model (Hugging Face format, with the tokenizer) in {export_hf(unload_lora(model), out/'model', tok)}")
-    if ctx.is_main: print(f"checkpoints in {trainer.ckpt_dir}, metrics in {trainer.metrics_file}")
+        print(f"adapters alone (load with minimind.lora.load_lora onto {args.init}) in {adapter}")
+    trainer.finish(tok, unload_lora(model) if complete else None)  # the merged model
     return numbers
+
+LORA = register(Stage("lora", "low-rank adapters on the SFT model (a new identity by default)", add_lora_args, run_lora,
+                      reads=(Input("init", SFT, "model"), Input("data", DATA, IDENTITY_FILE, many=True),
+                             Input("replay_data", DATA, "sft.jsonl", unless="data", many=True),
+                             Input("val_data", DATA, "sft_val.jsonl", unless="data")),
+                      writes=("adapter", "model"), distributed=True, quick=LORA_QUICK_ARGS))

@@ -16,10 +16,13 @@ __all__ = ['YARN_DEFAULT', 'CONFIG_DEFAULTS', 'CONFIG_DEFAULTS_V3', 'CONFIG_ALIA
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .moe import MoEFeedForward
 
 # %% ../nbs/02_model.ipynb #4dd78317
 def ffn_width_v2(hidden_size:int, # width of the residual stream
@@ -336,10 +339,7 @@ class MiniMindBlock(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.use_moe:
-            from minimind.moe import MoEFeedForward  # chapter 03; imported here to avoid a circular import
-            self.mlp = MoEFeedForward(config)
-        else: self.mlp = FeedForward(config)
+        self.mlp = MoEFeedForward(config, partial(FeedForward, config), Linear) if config.use_moe else FeedForward(config)
 
     def forward(self, x:torch.Tensor, # (B, T, C)
                 cos:torch.Tensor, sin:torch.Tensor, # RoPE rows, see `Attention`

@@ -9,11 +9,11 @@ Docs: https://minimind-book.github.io/minimind/moe.html.md"""
 __all__ = ['route', 'dispatch', 'load_balance_loss', 'MoEFeedForward', 'update_router_bias']
 
 # %% ../nbs/03_moe.ipynb #290ec6b3
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from .model import FeedForward, Linear, MiniMindConfig
 
 # %% ../nbs/03_moe.ipynb #8fc3100d
 def route(logits:torch.Tensor, # (N, E) router logits of N tokens
@@ -65,8 +65,10 @@ def load_balance_loss(scores:torch.Tensor, # (B, T, E) router scores (softmax)
 
 # %% ../nbs/03_moe.ipynb #80fea0c3
 class MoEFeedForward(nn.Module):
-    "Mixture-of-experts SwiGLU: a softmax top-k router over routed experts, plus optional shared experts."
-    def __init__(self, config:MiniMindConfig, # model settings (`n_routed_experts`, `num_experts_per_tok`, ...)
+    "Mixture-of-experts feed-forward: a softmax top-k router over routed experts, plus optional shared experts."
+    def __init__(self, config, # model settings (`n_routed_experts`, `num_experts_per_tok`, ...), a `MiniMindConfig`
+                 expert:Callable[[int], nn.Module], # builds one expert of the given hidden width (chapter 02's `FeedForward`)
+                 linear:type=nn.Linear, # the router's layer class (chapter 02's `Linear`)
                  bias_update_rate:float|None=None): # loss-free balancing's gamma; default config.moe_bias_update_rate or 0
         super().__init__()
         if config.scoring_func != "softmax":
@@ -74,10 +76,9 @@ class MoEFeedForward(nn.Module):
         E, n = config.n_routed_experts, config.moe_intermediate_size
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.alpha, self.seq_aux = config.aux_loss_alpha, config.seq_aux
-        self.gate = Linear(config.hidden_size, E, bias=False)                          # router, (E, C)
-        self.experts = nn.ModuleList(FeedForward(config, n) for _ in range(E))
-        if config.n_shared_experts:
-            self.shared_experts = nn.ModuleList(FeedForward(config, n) for _ in range(config.n_shared_experts))
+        self.gate = linear(config.hidden_size, E, bias=False)                          # router, (E, C)
+        self.experts = nn.ModuleList(expert(n) for _ in range(E))
+        if config.n_shared_experts: self.shared_experts = nn.ModuleList(expert(n) for _ in range(config.n_shared_experts))
         rate = getattr(config, "moe_bias_update_rate", 0.0) if bias_update_rate is None else bias_update_rate
         self.bias_update_rate = float(rate or 0.0)
         if self.bias_update_rate > 0: self.register_buffer("expert_bias", torch.zeros(E))   # in the state dict

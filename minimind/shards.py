@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from .data import DataError, cache_dir, read_jsonl, tinyworld
+from .data import DataError, atomic_dir, cache_dir, read_jsonl
 from .model import MiniMindConfig, MiniMindForCausalLM
+from .tinyworld import tinyworld
 from .tokenizer import PAD, MiniMindTokenizer, texts_from_jsonl, tinyworld_tokenizer
 
 # %% ../nbs/04a_shards.ipynb #e5e5a38a
@@ -124,6 +125,7 @@ def _write_tokens(path:Path, arrays:Iterable[np.ndarray])->int: # tokens written
         f.flush(); os.fsync(f.fileno())
     return n
 
+# %% ../nbs/04a_shards.ipynb #fb1db256
 def build_token_file(paths, # one JSONL file of `{"text": ...}` records, or several
                      tokenizer:MiniMindTokenizer, # the tokenizer (vocabulary < 65536)
                      out_dir:str|Path|None=None, # the cache folder (default `cache_dir()/"tokens"`)
@@ -140,9 +142,7 @@ def build_token_file(paths, # one JSONL file of `{"text": ...}` records, or seve
     key = token_cache_key(paths, tokenizer)
     final, hash_s = out_dir/key, time.perf_counter() - t0
     if (final/"meta.json").is_file(): return _reuse(final, on_error)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{key[:16]}-", suffix=".partial"))
-    try:
+    with atomic_dir(final) as tmp:  # (if another process finishes the same file first, theirs is kept)
         t0 = time.perf_counter()
         readers = [read_jsonl(p, "pretrain", on_error) for p in paths]
         chunks = text_chunks(readers, chunk_size)
@@ -163,13 +163,6 @@ def build_token_file(paths, # one JSONL file of `{"text": ...}` records, or seve
                     workers=workers, seconds=round(seconds, 3), hash_seconds=round(hash_s, 3),
                     mb_per_s=round(mb / seconds, 3))
         (tmp/"meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is for everyone
-        try: os.rename(tmp, final)
-        except OSError:  # another process finished the same file first: keep theirs
-            if not (final/"meta.json").is_file(): raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
     return TokenFile(final)
 
 def _reuse(folder:Path, on_error:str)->"TokenFile":

@@ -6,14 +6,14 @@ Docs: https://minimind-book.github.io/minimind/tokenizer.html.md"""
 
 # %% auto #0
 __all__ = ['PAD', 'BOS', 'EOS', 'SPECIAL_TOKENS', 'RESERVED_TOKENS', 'N_BYTES', 'DEFAULT_SYSTEM_PROMPT', 'CHAT_TEMPLATE', 'ROLES',
-           'byte_level_bpe', 'check_messages', 'render_chat_template', 'MiniMindTokenizer', 'train_tokenizer',
-           'texts_from_jsonl', 'tinyworld_tokenizer']
+           'TOKENIZER_TRAIN_FILES', 'TOKENIZER', 'byte_level_bpe', 'check_messages', 'render_chat_template',
+           'MiniMindTokenizer', 'train_tokenizer', 'texts_from_jsonl', 'tinyworld_tokenizer', 'add_tokenizer_args',
+           'run_tokenizer']
 
 # %% ../nbs/01_tokenizer.ipynb #5ccd7a6b
+import argparse
 import json
-import os
-import shutil
-import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from functools import lru_cache
@@ -24,13 +24,14 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .data import cache_dir, read_jsonl, sniff_kind, tinyworld
+from .data import TAGS, atomic_dir, cache_dir, read_jsonl, sniff_kind
+from .runs import Input, Stage, code_hash, register
+from .tinyworld import DATA, tinyworld
 
 # %% ../nbs/01_tokenizer.ipynb #21f1fbd9
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
-RESERVED_TOKENS = ["<think>", "</think>", "<answer>", "</answer>",
-                   "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]  # ids 3..10, decode visibly
+RESERVED_TOKENS = [*TAGS, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]  # ids 3..10, decode visibly
 N_BYTES = 256  # the byte-level base alphabet
 
 # %% ../nbs/01_tokenizer.ipynb #88876fb4
@@ -233,17 +234,38 @@ def texts_from_jsonl(paths:str|Path|Iterable, # one JSONL file or several
                     if isinstance(m.get(key), str) and m[key]: yield m[key]
 
 # %% ../nbs/01_tokenizer.ipynb #507d779a
+TOKENIZER_TRAIN_FILES = ("pretrain.jsonl", "sft.jsonl", "reason.jsonl")  # TinyWorld files the tokenizer learns from
+
 def tinyworld_tokenizer(small:bool=False, # the small test tokenizer (vocab 1024, a tenth of TinyWorld)
                        )->Path: # the tokenizer's folder
-    "The folder of the TinyWorld tokenizer this chapter saves, trained the same way if it is missing."
-    out = cache_dir()/"tokenizer"/("tinyworld-test" if small else "tinyworld")
-    if (out/"tokenizer_config.json").is_file(): return out
-    tw = tinyworld(seed=0, scale=0.1 if small else 1.0)
-    tok = train_tokenizer(texts_from_jsonl([tw/f"{n}.jsonl" for n in ("pretrain", "sft", "reason")]),
-                          vocab_size=1024 if small else 6400)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    tok.save(tmp)
-    try: os.rename(tmp, out)
-    except OSError: shutil.rmtree(tmp, ignore_errors=True) # another process saved it first
+    "The folder of the TinyWorld tokenizer trained as in this chapter (cached; trained on first use)."
+    out = cache_dir()/"tokenizer"/f"tinyworld{'-test' if small else ''}-{code_hash('minimind.tokenizer')[:12]}"
+    if not (out/"tokenizer_config.json").is_file():
+        tw = tinyworld(seed=0, scale=0.1 if small else 1.0)
+        tok = train_tokenizer(texts_from_jsonl([tw/f for f in TOKENIZER_TRAIN_FILES]), vocab_size=1024 if small else 6400)
+        with atomic_dir(out) as tmp: tok.save(tmp)
     return out
+
+# %% ../nbs/01_tokenizer.ipynb #be5330ec
+def add_tokenizer_args(p:argparse.ArgumentParser):
+    "The `tokenizer` stage's flags."
+    p.add_argument("--data", type=Path, nargs="+", default=None,
+                   help="JSONL files of {'text'} or {'conversations'} records (default: the data stage's "
+                        + ", ".join(TOKENIZER_TRAIN_FILES) + ")")
+    p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/tokenizer)")
+
+# %% ../nbs/01_tokenizer.ipynb #52831b27
+def run_tokenizer(args:argparse.Namespace, # the `tokenizer` stage's flags, inputs resolved
+                 )->dict: # numbers for the results table
+    "Train the tokenizer on `args.data` and save it in the stage's folder."
+    out = args.out or Path(args.run_dir)/"tokenizer"
+    t0 = time.perf_counter()
+    tok = train_tokenizer(texts_from_jsonl(args.data), vocab_size=args.vocab_size)
+    tok.save(out)
+    print(f"tokenizer: vocab {len(tok)}, trained in {time.perf_counter() - t0:.1f} s on {len(args.data)} file(s), saved to {out}")
+    return {"vocab": len(tok)}
+
+TOKENIZER = register(Stage("tokenizer", "train the byte-level BPE tokenizer (Hugging Face format)", add_tokenizer_args,
+                           run_tokenizer, reads=(Input("data", DATA, TOKENIZER_TRAIN_FILES, many=True),),
+                           writes=("tokenizer.json", "tokenizer_config.json"), quick=("--vocab-size", "1024")))

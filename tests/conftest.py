@@ -66,8 +66,8 @@ def tok():
 @pytest.fixture(scope="module")
 def quick():
     "The book's quick pretrained model and its tokenizer, a `ChatModel` (trained on first use, a few seconds)."
-    from minimind.train import ensure_stage
-    return load_chat_model(ensure_stage("pretrain", quick=True) / "model")
+    from minimind.runs import require
+    return load_chat_model(require("pretrain", quick=True) / "model")
 
 
 # ---- the command line ------------------------------------------------------------------------------------------

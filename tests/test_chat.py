@@ -10,7 +10,8 @@ import torch
 
 from minimind.chat import (ChatSession, ChatWidget, ThinkSplitter, load_chat_model, print_reply, repl, resolve_model,
                            split_think)
-from minimind.data import THINK_RE, read_jsonl, tinyworld
+from minimind.data import THINK_RE, read_jsonl
+from minimind.tinyworld import tinyworld
 from minimind.generate import generate_text
 from minimind.hub import save_pth
 

@@ -1,4 +1,4 @@
-"Tests for minimind.data: formats, validation errors, the skip policy and the TinyWorld generator."
+"Tests for minimind.data (formats, validation errors, the skip policy) and the TinyWorld generator (minimind.world, minimind.tinyworld)."
 import hashlib
 import json
 import pickle
@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 
-from minimind.data import (CREATURES, STAGES, THINK_RE, TINYWORLD_KINDS, DataError, en_num, held_out, make_tinyworld,
-                           read_jsonl, tinyworld, validate_file, validate_record, zh_num)
+from minimind.data import THINK_RE, DataError, read_jsonl, validate_file, validate_record
+from minimind.tinyworld import FILES, TINYWORLD_KINDS, make_tinyworld, tinyworld
+from minimind.world import CREATURES, en_num, held_out, zh_num
 
 SCALE = 0.05
 EXPECTED_FILES = {"pretrain", "pretrain_val", "sft", "sft_val", "identity", "dpo", "dpo_val",
@@ -61,7 +62,7 @@ def test_every_file_validates(worlds, stem):
     assert n == len(_lines(paths[stem])) > 0
 
 
-@pytest.mark.parametrize("stem", [s for s, (_, _, _, n_val) in STAGES.items() if n_val])
+@pytest.mark.parametrize("stem", [s for s, (_, _, _, n_val) in FILES.items() if n_val])
 def test_val_shares_no_record_with_train(worlds, stem):
     folder, _ = worlds["a"]
     val, train = set(_lines(folder/f"{stem}_val.jsonl")), set(_lines(folder/f"{stem}.jsonl"))
@@ -69,7 +70,7 @@ def test_val_shares_no_record_with_train(worlds, stem):
 
 
 def test_val_is_about_five_to_ten_percent():
-    for stem, (_, _, n, n_val) in STAGES.items():
+    for stem, (_, _, n, n_val) in FILES.items():
         assert n_val == 0 or 0.04 <= n_val / n <= 0.11, stem
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minimind.data import DataError, tinyworld
+from minimind.data import DataError
+from minimind.tinyworld import tinyworld
 from minimind.dpo import (DPO_QUICK_ARGS, DPODataset, DPOLoss, collate_pairs, dpo_loss, freeze, pairs, reference_logps,
                           sequence_logps)
 
@@ -156,9 +157,8 @@ def test_too_long_pairs_raise_or_are_cut_and_counted(tok, val_file, tmp_path):
     assert all((ds[i][f"{k}_labels"] != -100).any() for i in range(len(ds)) for k in ("chosen", "rejected"))
 
 def test_dpo_stage_runs_from_the_sft_stage(tmp_path):
-    from minimind.train import STAGES, ensure_stage
-    if "sft" not in STAGES: pytest.skip("the sft stage (chapter 05) is not available")
-    sft = ensure_stage("sft", tmp_path, quick=True)
+    from minimind.runs import require
+    sft = require("sft", tmp_path, quick=True)
     out = run_cli("dpo", "--run-dir", tmp_path, *DPO_QUICK_ARGS)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "dpo" / "model" / "model.safetensors").exists()

@@ -165,7 +165,7 @@ def metrics(path):
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
     "A tiny TinyWorld and tokenizer, then the same 6-step pretraining with 1 process (micro 4) and 2 (micro 2 each)."
-    from minimind.data import make_tinyworld
+    from minimind.tinyworld import make_tinyworld
     from minimind.tokenizer import texts_from_jsonl, train_tokenizer
     torchrun = shutil.which("torchrun")
     if torchrun is None: pytest.skip("torchrun is not installed")

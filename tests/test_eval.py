@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from minimind.chat import load_chat_model
-from minimind.data import FACTS, DataError, say_fact, write_jsonl
+from minimind.data import DataError, write_jsonl
+from minimind.world import FACTS, say_fact
 from minimind.eval import (LETTERS, choice_accuracy, choice_scores, parse_choice_record, perplexity, read_choices,
                            reasoning_eval, scored_sequences, tinyworld_choices, tinyworld_choices_file, token_logprobs)
 from minimind.model import MiniMindForCausalLM
 from minimind.sft import tokenize_conversations
-from minimind.train import ensure_stage
+from minimind.runs import require
 
 from conftest import run_cli
 
@@ -20,7 +21,7 @@ from conftest import run_cli
 @pytest.fixture(scope="module")
 def book():
     "The book's pretrained model at its real size (about a minute to train on first use; cached afterwards)."
-    return load_chat_model(ensure_stage("pretrain") / "model")
+    return load_chat_model(require("pretrain") / "model")
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------

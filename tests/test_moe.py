@@ -1,13 +1,18 @@
 "Behaviour of the mixture-of-experts layer (chapter 03): dispatch, routing, balancing, names."
 import math
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
-from minimind.model import MiniMindConfig, MiniMindForCausalLM
+from minimind.model import FeedForward, Linear, MiniMindConfig, MiniMindForCausalLM
 from minimind.moe import MoEFeedForward, dispatch, load_balance_loss, route, update_router_bias
 
+
+def moe_layer(config, **kw):
+    "The MoE layer with chapter 02's experts and router, as `MiniMindBlock` builds it."
+    return MoEFeedForward(config, partial(FeedForward, config), Linear, **kw)
 
 def small_config(k=2, shared=1, **kw):
     return MiniMindConfig(hidden_size=16, intermediate_size=24, use_moe=True, n_routed_experts=4,
@@ -39,7 +44,7 @@ def outputs_and_grads(moe, f, x):
 @pytest.mark.parametrize("norm", [True, False])
 def test_grouped_dispatch_equals_naive_loop(k, shared, norm):
     torch.manual_seed(k + 2 * shared)
-    moe = MoEFeedForward(small_config(k, shared, norm_topk_prob=norm))
+    moe = moe_layer(small_config(k, shared, norm_topk_prob=norm))
     x = torch.randn(3, 7, 16)
     ref, got = outputs_and_grads(moe, lambda xg: naive(moe, xg), x), outputs_and_grads(moe, moe, x)
     assert len(ref) == len(got) == 2 + len(list(moe.parameters()))
@@ -99,7 +104,7 @@ def test_aux_loss_gradient_pushes_busy_expert_down():
 
 def test_bias_update_moves_load_toward_uniform_and_keeps_mixing_weights():
     torch.manual_seed(0)
-    moe = MoEFeedForward(small_config(k=2, shared=0, aux_loss_alpha=0.0), bias_update_rate=0.01)
+    moe = moe_layer(small_config(k=2, shared=0, aux_loss_alpha=0.0), bias_update_rate=0.01)
     with torch.no_grad(): moe.gate.weight[0] = 0.3              # with inputs of mean 0.5: expert 0 favoured
     x = torch.randn(4, 64, 16) + 0.5
     moe.train(); moe(x)
@@ -127,16 +132,16 @@ def test_bias_update_moves_load_toward_uniform_and_keeps_mixing_weights():
 
 
 def test_bias_update_is_a_noop_without_counts_and_in_eval():
-    moe = MoEFeedForward(small_config(), bias_update_rate=0.1)
+    moe = moe_layer(small_config(), bias_update_rate=0.1)
     assert update_router_bias(moe) == 1 and moe.expert_bias.abs().sum() == 0
     moe.eval(); moe(torch.randn(2, 5, 16)); update_router_bias(moe)
     assert moe.expert_bias.abs().sum() == 0
-    assert update_router_bias(MoEFeedForward(small_config())) == 0   # layers without the bias are skipped
+    assert update_router_bias(moe_layer(small_config())) == 0   # layers without the bias are skipped
 
 
 def test_statistics_of_the_last_forward():
     torch.manual_seed(0)
-    moe = MoEFeedForward(small_config(k=1, shared=0)).eval()
+    moe = moe_layer(small_config(k=1, shared=0)).eval()
     with torch.inference_mode(): moe(torch.randn(2, 9, 16))
     assert math.isclose(moe.last_load.sum().item(), 1.0, rel_tol=1e-6)
     assert 0 < moe.last_entropy.item() <= math.log(4) + 1e-6
@@ -203,13 +208,13 @@ def test_loss_free_bias_in_a_model_is_saved_and_restored():
 
 
 def test_only_softmax_scoring_is_supported():
-    with pytest.raises(ValueError, match="scoring_func"): MoEFeedForward(small_config(scoring_func="sigmoid"))
+    with pytest.raises(ValueError, match="scoring_func"): moe_layer(small_config(scoring_func="sigmoid"))
 
 
 @pytest.mark.parametrize("mode", ["autocast", "bf16 weights"])
 def test_low_precision_forward_matches_fp32(mode):
     torch.manual_seed(0)
-    moe = MoEFeedForward(small_config(k=2, shared=1)).train()
+    moe = moe_layer(small_config(k=2, shared=1)).train()
     x = torch.randn(2, 6, 16)
     ref = moe(x)
     if mode == "autocast":

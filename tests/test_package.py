@@ -47,3 +47,30 @@ def test_module_imports_without_posix_only_modules(module):
     code = f"import sys; sys.modules.update(dict.fromkeys({POSIX_ONLY!r})); import minimind.{module}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# --- the house: a module imports only from the modules below it ---
+
+def imports_of(module:str)->set[str]:
+    "The minimind modules `module`'s source names in an import (relative or absolute, at any depth)."
+    from minimind.runs import imported_modules
+    return {m.split(".")[1] for m in imported_modules(ROOT/"minimind"/f"{module}.py")} - {module}
+
+def test_the_import_graph_has_no_circle():
+    graph = {m: imports_of(m) & set(MODULES) for m in MODULES}
+    done, path = set(), []
+    def visit(m):
+        assert m not in path, f"import circle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m in done: return
+        path.append(m)
+        for n in sorted(graph[m]): visit(n)
+        path.pop(); done.add(m)
+    for m in MODULES: visit(m)
+
+def test_nothing_imports_the_command_line():
+    assert [m for m in MODULES if "train" in imports_of(m)] == []
+
+def test_modules_stay_readable():
+    "No module over 600 lines: a module that grows past it is doing two jobs."
+    long = {m: n for m in MODULES if (n := len((ROOT/"minimind"/f"{m}.py").read_text(encoding="utf-8").splitlines())) > 600}
+    assert long == {}

@@ -7,7 +7,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from minimind.data import DataError, read_jsonl, tinyworld
+from minimind.data import DataError, read_jsonl
+from minimind.tinyworld import tinyworld
 from minimind.engine import causal_lm_loss
 from minimind.sft import (ASSISTANT_HEADER, IGNORE, ConversationTooLong, SFTDataset, gold_answers, graded_turns,
                           pack_best_fit, prompt_ids, sft_collate, shift_labels, tokenize_conversation,
@@ -169,9 +170,10 @@ def test_sft_stage_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from minimind.hub import load_model
     from minimind.sft import SFT_QUICK_ARGS
-    from minimind.train import ensure_stage, main
+    from minimind.runs import require
+    from minimind.train import main
     run = tmp_path/"run"
-    ensure_stage("pretrain", run, quick=True)
+    require("pretrain", run, quick=True)
     main(["--run-dir", str(run), "sft", *SFT_QUICK_ARGS])
     done = json.loads((run/"sft"/"done.json").read_text())
     assert " -> " in done["numbers"]["val ce"] and " -> " in done["numbers"]["accuracy"]
