@@ -16,9 +16,10 @@ import argparse
 import json
 import math
 import random
-import shutil
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from .data import atomic_write
 from .hub import export_hf
 from .model import linear
-from .runs import dist_context
+from .runs import Interrupted, RunError, dist_context, shared
 
 # %% ../nbs/04b_engine.ipynb #4edd8e01
 def trained_tokens(batch:dict, # with "labels" (B, T); -100 marks positions that are not trained
@@ -203,7 +204,8 @@ def measure_peak_flops(device:torch.device, # where to measure
                       )->float: # FLOP/s of a large square matmul
     "The matmul FLOP/s this device reaches in `dtype` with the model's own product (`linear`): a stand-in for the datasheet's peak."
     n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # (its own generator: measuring must not move the run's random streams)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     linear(a, b); sync()
     done, t0 = 0, time.perf_counter()
@@ -236,7 +238,7 @@ class TrainConfig:
     keep: int = 2  # checkpoints to keep
     log_every: int = 10  # steps between log records (the only host-device syncs of the loop)
     seed: int = 0  # data order (and nothing else: the caller seeds the model's init)
-    resume: bool|str = False  # True: continue from out_dir's latest checkpoint; a path: from that file
+    resume: bool|str = "auto"  # auto: continue from out_dir's latest checkpoint if any; True: must; a path: from that file; False: new
     stop_at: int|None = None  # end this run after this step with a checkpoint; the schedule still runs to `steps`
     num_workers: int = 0  # DataLoader worker processes
     peak_flops: float|None = None  # per-device peak FLOP/s for MFU; None: measured
@@ -271,8 +273,9 @@ def add_engine_args(p:argparse.ArgumentParser, # a stage's parser
     g.add_argument("--dtype", default="auto", choices=["auto", *AMP_DTYPES],
                    help="compute dtype: auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPUs")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
-    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its latest checkpoint (or from CHECKPOINT)")
+    g.add_argument("--resume", nargs="?", const=True, default="auto", metavar="CHECKPOINT",
+                   help="continue from the output folder's latest checkpoint (what an unfinished run does by default), "
+                        "or from CHECKPOINT")
     g.add_argument("--stop-at", type=int, default=None, help="end this run after step N with a checkpoint (resume later)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order (and of any weights the stage initialises)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
@@ -326,7 +329,7 @@ class Trainer:
         self.history, self.checkpoint, self._flops, self._peak, self._wandb = [], None, None, config.peak_flops, None
         if self.is_main: self.out.mkdir(parents=True, exist_ok=True)
         if self.source is not None: self.source.start(self)
-        if config.resume: self._resume()
+        if self._resuming(): self._resume()
         elif self.is_main: self._fresh_start()
         self._wrap()
 
@@ -450,23 +453,30 @@ def _say(self:Trainer, msg:str):
     if self.is_main: tqdm.write(msg)
 
 @patch
+def _resuming(self:Trainer)->bool:
+    "Whether this run continues one: `resume` set, or `auto` and the folder holds a checkpoint (rank 0 decides for all)."
+    if self.cfg.resume != "auto": return bool(self.cfg.resume)
+    return shared(latest_checkpoint(self.ckpt_dir) is not None if self.is_main else None)
+
+@patch
 def _fresh_start(self:Trainer):
-    "A new run: start a new metrics file, and remove the checkpoints of an earlier run in the same folder."
-    old = sorted(self.ckpt_dir.glob(f"{CKPT_PREFIX}*.pt")) if self.ckpt_dir.exists() else []
-    if old:
-        shutil.rmtree(self.ckpt_dir)
-        self._say(f"fresh start: removed {len(old)} checkpoint(s) of an earlier run in {self.ckpt_dir} "
-                  "(resume=True continues a run instead)")
+    "A new run: start a new metrics file. Checkpoints of an earlier run are never deleted here: that takes --overwrite."
+    if latest_checkpoint(self.ckpt_dir) is not None:
+        raise RunError(f"{self.ckpt_dir} holds the checkpoints of an earlier run: continue it (resume, the default), "
+                       "or start over with --overwrite")
     self.metrics_file.write_text("")
 
 @patch
 def _resume(self:Trainer):
     "Restore weights, optimizer, scaler, random generators, step and data position from a checkpoint."
     cfg = self.cfg
-    path = latest_checkpoint(self.ckpt_dir) if cfg.resume is True else Path(cfg.resume)
-    if path is None: raise FileNotFoundError(f"resume: no checkpoint in {self.ckpt_dir} (no `{LATEST}` file)")
+    path = latest_checkpoint(self.ckpt_dir) if cfg.resume in (True, "auto") else Path(cfg.resume)
+    if path is None: raise RunError(f"--resume: no checkpoint in {self.ckpt_dir} (no `{LATEST}` file)")
     ck = load_checkpoint(path)
-    self.model.load_state_dict(ck["model"])
+    try: self.model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise RunError(f"{path} was written for another model ({str(e).splitlines()[1].strip()[:120]}); "
+                       "--overwrite starts this stage over") from None
     self.opt.load_state_dict(ck["optimizer"])
     self.scaler.load_state_dict(ck["scaler"])
     self.step, self.epoch, self.offset, self.tokens = ck["step"], ck["epoch"], ck["offset"], ck["tokens"]
@@ -502,9 +512,8 @@ def _batches(self:Trainer): # yields this process's micro-batches, a list per op
 @patch
 def _log_train(self:Trainer, sums:dict, steps:int, tokens:int, seconds:float, seq_len:int)->dict:
     s = self._reduce(sums)
-    if self._flops is None:
-        self._flops = flops_per_token(self.model, seq_len) if hasattr(self.model, "config") else float("nan")
-        if self._peak is None and self.is_main: self._peak = measure_peak_flops(self.device, self.dtype)
+    if self._flops is None: self._flops = flops_per_token(self.model, seq_len) if hasattr(self.model, "config") else float("nan")
+    peak = self._peak_flops()
     rec = {"split": "train", "step": self.step, "tokens": self.tokens, "loss": s.pop("loss") / max(s["count"], 1)}
     if self.source is None: rec["epoch"] = round(self.epoch + self.offset / self.sampler_args["n"], 4)
     else: rec |= self.source.record()
@@ -512,8 +521,16 @@ def _log_train(self:Trainer, sums:dict, steps:int, tokens:int, seconds:float, se
     tps = tokens / max(seconds, 1e-9)
     rec.update(lr=lr_at(self.step - 1, self.total, self.cfg.lr, self.cfg.warmup, self.cfg.min_lr_ratio),
                grad_norm=s["grad_norm"] / steps / self.world, tokens_per_s=round(tps, 1),
-               mfu=round(self._flops * tps / (self._peak * self.world), 4) if self._peak else None)
+               mfu=round(self._flops * tps / (peak * self.world), 4) if peak else None)
     return rec
+
+@patch
+def _peak_flops(self:Trainer)->float|None: # per-device FLOP/s (None on ranks other than 0)
+    "The peak for MFU: `peak_flops` if given, else the best matmul rate this device has shown during the run."
+    if self.cfg.peak_flops: return self.cfg.peak_flops
+    if not self.is_main: return None
+    self._peak = max(self._peak or 0.0, measure_peak_flops(self.device, self.dtype, 0.05 if self._peak else 0.3))
+    return self._peak
 
 @patch
 def fit(self:Trainer)->dict: # the last train and held-out numbers, with the run's files
@@ -523,17 +540,46 @@ def fit(self:Trainer)->dict: # the last train and held-out numbers, with the run
         import wandb  # only when asked for
         self._wandb = wandb.init(project=cfg.wandb, config={k: _plain(v) for k, v in asdict(cfg).items()})
     self.model.train()
-    if self.step == 0 and self.val_data is not None and cfg.eval_every: self._write({"split": "val", "step": 0, "tokens": 0, **self.evaluate()})
-    bar = tqdm(total=self.total, initial=self.step, disable=not (self.is_main and cfg.progress), unit="step",
-               desc=f"training {self.out.name}", dynamic_ncols=True, mininterval=1.0)
-    batches, self._interval = self._batches(), _new_interval()
-    while self.step < stop:
-        self._take_step(next(batches))
-        bar.update(1)
-        self._log_evaluate_save(stop, bar)
+    with self._stop_signals():
+        if self.step == 0 and self.val_data is not None and cfg.eval_every: self._write({"split": "val", "step": 0, "tokens": 0, **self.evaluate()})
+        bar = tqdm(total=self.total, initial=self.step, disable=not (self.is_main and cfg.progress), unit="step",
+                   desc=f"training {self.out.name}", dynamic_ncols=True, mininterval=1.0)
+        batches, self._interval = self._batches(), _new_interval()
+        while self.step < stop:
+            self._take_step(next(batches))
+            bar.update(1)
+            self._log_evaluate_save(stop, bar)
+            if self._stopping():
+                bar.close(); self.save()
+                raise Interrupted(f"{self._stop}: stopped at step {self.step} of {self.total} with a checkpoint ({self.checkpoint})")
     bar.close()
     if self._wandb is not None: self._wandb.finish()
     return self._result()
+
+# %% ../nbs/04b_engine.ipynb #30017aa9
+@patch
+@contextmanager
+def _stop_signals(self:Trainer):
+    "While training, the first SIGINT or SIGTERM asks the loop to stop after the current step; a second one stops at once."
+    self._stop = None
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    def ask(signum, frame):
+        if self._stop is not None: raise KeyboardInterrupt
+        self._stop = signal.Signals(signum).name
+        self._say(f"{self._stop}: stopping after this step, with a checkpoint (again to stop at once, without one)")
+    old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
+@patch
+def _stopping(self:Trainer)->bool:
+    "Whether a stop signal arrived; all processes give the same answer (they compare flags at log steps)."
+    if self.world == 1: return self._stop is not None
+    if self.step % self.cfg.log_every: return False
+    flag = torch.tensor([float(self._stop is not None)], device=self.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 # %% ../nbs/04b_engine.ipynb #3c78a298
 def _new_interval()->dict: return {"sums": {}, "steps": 0, "tokens": 0, "t0": time.perf_counter(), "seq_len": 0}

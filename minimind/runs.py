@@ -8,8 +8,8 @@ Docs: https://minimind-book.github.io/minimind/runs.html.md"""
 # %% auto #0
 __all__ = ['STAGES', 'NOT_RESULTS', 'DONE', 'Dist', 'dist_context', 'barrier', 'shared', 'Input', 'Stage', 'register',
            'add_run_args', 'stage_parser', 'stage_args', 'imported_modules', 'source_files', 'code_hash',
-           'content_hash', 'result_args', 'read_done', 'why_not_valid', 'RunError', 'resolve_inputs', 'say',
-           'stage_folder', 'clear_outputs', 'run_lock', 'run_stage', 'book_dir', 'require']
+           'content_hash', 'result_args', 'read_done', 'why_not_valid', 'RunError', 'Interrupted', 'resolve_inputs',
+           'check_args', 'say', 'stage_folder', 'clear_outputs', 'run_lock', 'run_stage', 'book_dir', 'require']
 
 # %% ../nbs/89_runs.ipynb #afb0d426
 import argparse
@@ -77,6 +77,7 @@ class Input:
     path: str|tuple = ""  # inside that stage's folder ("" is the folder itself); a tuple: several files
     unless: str|None = None  # when this other flag is given, there is no default (e.g. val_data unless data)
     many: bool = False  # the flag takes a list of paths
+    check: Callable|None = None  # check(path) -> what is wrong with a path the user gave, or None
 
 @dataclass(eq=False)
 class Stage:
@@ -89,6 +90,7 @@ class Stage:
     writes: tuple = ()  # what a finished run leaves in the stage's folder, e.g. ("model",)
     distributed: bool = False  # True: every process runs it; False: rank 0 runs it, the others wait
     quick: tuple = ()  # flags for a small, fast version (tests, notebooks under nbdev-test)
+    check: Callable|None = None  # check(args) -> what is wrong with the flags, or None; runs before any work
 
     def __repr__(self): return f"Stage({self.name!r})"
 
@@ -229,6 +231,9 @@ def why_not_valid(stage:Stage, # the stage
 class RunError(Exception):
     "A run folder that cannot be used as asked (a stale or unfinished stage, a stage done with other flags): the message says what to do."
 
+class Interrupted(KeyboardInterrupt):
+    "Training stopped by Ctrl-C or SIGTERM after saving a checkpoint: the same command continues it."
+
 def _default(inp:Input, run_dir:Path)->Path|list[Path]:
     folder = Path(run_dir)/inp.stage.name
     paths = [folder/p for p in inp.path] if isinstance(inp.path, tuple) else [folder/inp.path]
@@ -240,17 +245,32 @@ def resolve_inputs(stage:Stage, # the stage about to run
                    redo_stale:bool=False, # rerun stale stages it reads (the book's cache) instead of refusing
                   )->dict: # flag -> {"stage", "fingerprint"} or {"sha256", "path"}, for done.json
     "Fill in `stage`'s inputs from the run folder, running the stages they come from first when needed."
-    records = {}
+    records, given_flags = {}, {i.flag for i in stage.reads if getattr(args, i.flag, None)}  # (before defaults fill in)
     for inp in stage.reads:
         given = getattr(args, inp.flag, None)
         if given:
             paths = given if isinstance(given, list) else [given]
             records[inp.flag] = {"sha256": [content_hash(p) for p in paths], "path": [str(p) for p in paths]}
-        elif not (inp.unless and getattr(args, inp.unless, None)):
+        elif inp.unless not in given_flags:
             require(inp.stage, args.run_dir, quick=quick, redo_stale=redo_stale, needed_by=stage.name)
             setattr(args, inp.flag, _default(inp, args.run_dir))
             records[inp.flag] = {"stage": inp.stage.name, "fingerprint": read_done(Path(args.run_dir)/inp.stage.name)["fingerprint"]}
     return records
+
+# %% ../nbs/89_runs.ipynb #33a548ea
+def check_args(stage:Stage, # the stage about to run
+               args:argparse.Namespace, # its flags, as parsed
+              ):
+    "Raise `RunError` with what is wrong with the paths given for the stage's inputs, or with its flags; before any work."
+    run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir(): raise RunError(f"--run-dir {run_dir}: a file, not a folder")
+    for inp in stage.reads:
+        given = getattr(args, inp.flag, None)
+        for p in (given if isinstance(given, list) else [given] if given else []):
+            flag = "--" + inp.flag.replace("_", "-")
+            if not Path(p).exists(): raise RunError(f"{flag} {p}: no such file or folder")
+            if inp.check and (why := inp.check(Path(p))): raise RunError(f"{flag} {p}: {why}")
+    if stage.check and (why := stage.check(args)): raise RunError(why)
 
 # %% ../nbs/89_runs.ipynb #7d800ffe
 def say(*msg):
@@ -296,7 +316,7 @@ def run_lock(run_dir:str|Path): # the run folder
         finally: _HELD[key] -= 1
         return
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir)/".lock", "w") as f:
+    with open(Path(run_dir)/".lock", "a") as f:  # ("a": taking the lock changes nothing in the folder)
         if fcntl and dist_context().is_main: fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         _HELD[key] = 1
         try: yield
@@ -308,7 +328,8 @@ def run_stage(stage:Stage, # the stage
               quick:bool=False, # stages it needs first run with their quick flags
               redo_stale:bool=False, # rerun stale stages it reads instead of refusing
              )->dict|None: # the stage's numbers (None on ranks that only waited)
-    "Run `stage` by the run-folder protocol: lock, check the folder, resolve inputs, run, record `done.json`."
+    "Run `stage` by the run-folder protocol: check the flags, lock, check the folder, resolve inputs, run, record `done.json`."
+    check_args(stage, args)
     with run_lock(args.run_dir):
         in_run, folder = getattr(args, "out", None) is None, stage_folder(stage, args)
         if in_run and not args.overwrite:

@@ -27,6 +27,9 @@ def total(args):
     (out/"total.txt").write_text(str(n))
     return {"total": n}
 TOTAL = Stage("total", "add them up", total_args, total, reads=(Input("numbers", COUNT, "numbers.txt"),), writes=("total.txt",))
+PAIR = Stage("pair", "two inputs, the second only by default", lambda p: [p.add_argument("--numbers", default=None),
+             p.add_argument("--extra", default=None)], lambda args: {}, reads=(Input("numbers", COUNT, "numbers.txt"),
+             Input("extra", COUNT, "numbers.txt", unless="numbers")))
 '''
 
 @pytest.fixture
@@ -49,6 +52,18 @@ def test_require_runs_what_is_missing_then_nothing(toy):
     assert (run/"count"/DONE).stat().st_mtime_ns == stamp  # done and valid: not run again
     rec = read_done(run/"total")
     assert rec["inputs"]["numbers"] == {"stage": "count", "fingerprint": read_done(run/"count")["fingerprint"]}
+
+def test_an_input_without_a_flag_is_filled_in_unless_its_partner_was_given(toy, tmp_path):
+    "A held-out file defaults to the run folder's only when the training data does (`Input.unless`)."
+    from minimind.runs import resolve_inputs
+    mod, _, run = toy
+    args = stage_args(mod.PAIR, run)
+    resolve_inputs(mod.PAIR, args)
+    assert args.numbers == args.extra == run/"count"/"numbers.txt"  # neither given: both from the run folder
+    mine = tmp_path/"mine.txt"; mine.write_text("1")
+    args = stage_args(mod.PAIR, run, ["--numbers", mine])
+    resolve_inputs(mod.PAIR, args)
+    assert args.numbers == str(mine) and args.extra is None  # the user's data: no held-out default that fits it
 
 def test_changing_a_stages_code_invalidates_it_and_what_read_it(toy):
     mod, path, run = toy
