@@ -189,6 +189,7 @@ class JsonlReader:
         first = "; ".join(str(e) for e in self.errors)
         return f"{self.path}: skipped {self.skipped} bad line(s), kept {self.records}. First: {first}"
 
+# %% ../nbs/00_data.ipynb #f0844c7b
 def read_jsonl(path, # the JSONL file
                kind:str, # the record kind, one of `KINDS`
                on_error:str="raise", # "raise" or "skip" (counted in `.skipped`, reported at the end)

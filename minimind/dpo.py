@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
 from .data import DataError, read_jsonl, validate_record
@@ -91,6 +92,7 @@ def _dpo_records(source)->tuple[str, object]:
             yield i, r
     return "records", checked()
 
+# %% ../nbs/07_dpo.ipynb #a1674446
 def collate_pairs(items:list[dict], # `DPODataset` items
                   pad_id:int=0, # the padding token
                  )->dict: # {"input_ids", "labels"}: (2B, T) chosen rows then rejected rows; "ref_logps" (2B,) if cached
@@ -104,6 +106,7 @@ def collate_pairs(items:list[dict], # `DPODataset` items
     if "ref_chosen" in items[0]: batch["ref_logps"] = torch.stack([it[f"ref_{k}"] for k in ("chosen", "rejected") for it in items])
     return batch
 
+# %% ../nbs/07_dpo.ipynb #58032c7f
 class DPODataset(torch.utils.data.Dataset):
     "Preference pairs from MiniMind DPO JSONL, tokenized with the chat template; only the final assistant reply is trained."
     def __init__(self, source, # a DPO JSONL file of {"chosen": [...], "rejected": [...]} records, or a list of records
@@ -142,25 +145,29 @@ class DPODataset(torch.utils.data.Dataset):
 
     def __len__(self)->int: return len(self.seqs)
 
-    def __getitem__(self, i:int)->dict: # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"} (+ "ref_chosen", "ref_rejected")
-        item = {}
-        for k, ids, start in zip(("chosen", "rejected"), self.seqs[i], self.starts[i]):
-            item[f"{k}_input_ids"], item[f"{k}_labels"] = reply_row(ids, start)
-        if self.ref is not None: item["ref_chosen"], item["ref_rejected"] = self.ref[i, 0], self.ref[i, 1]
-        return item
+# %% ../nbs/07_dpo.ipynb #c184ab80
+@patch
+def __getitem__(self:DPODataset, i:int)->dict: # {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"} (+ "ref_chosen", "ref_rejected")
+    item = {}
+    for k, ids, start in zip(("chosen", "rejected"), self.seqs[i], self.starts[i]):
+        item[f"{k}_input_ids"], item[f"{k}_labels"] = reply_row(ids, start)
+    if self.ref is not None: item["ref_chosen"], item["ref_rejected"] = self.ref[i, 0], self.ref[i, 1]
+    return item
 
-    def collate(self, items:list[dict])->dict: # a batch for `DPOLoss` (see `collate_pairs`)
-        "`collate_pairs` with this dataset's padding token (give it to the engine as `collate_fn`)."
-        return collate_pairs(items, self.pad_id)
+@patch
+def collate(self:DPODataset, items:list[dict])->dict: # a batch for `DPOLoss` (see `collate_pairs`)
+    "`collate_pairs` with this dataset's padding token (give it to the engine as `collate_fn`)."
+    return collate_pairs(items, self.pad_id)
 
-    @property
-    def reply_tokens(self)->torch.Tensor: # (N, 2) trained tokens of the chosen and the rejected reply
-        return torch.tensor([[len(ids) - s for ids, s in zip(seqs, starts)] for seqs, starts in zip(self.seqs, self.starts)])
+@patch(as_prop=True)
+def reply_tokens(self:DPODataset)->torch.Tensor: # (N, 2) trained tokens of the chosen and the rejected reply
+    return torch.tensor([[len(ids) - s for ids, s in zip(seqs, starts)] for seqs, starts in zip(self.seqs, self.starts)])
 
-    def __repr__(self):
-        n = self.reply_tokens.float().mean(0)
-        return (f"DPODataset({len(self):,} pairs, max_len {self.max_len}; mean reply tokens: chosen {n[0]:.1f}, "
-                f"rejected {n[1]:.1f}; {len(self.truncated)} truncated, {len(self.skipped)} skipped)")
+@patch
+def __repr__(self:DPODataset):
+    n = self.reply_tokens.float().mean(0)
+    return (f"DPODataset({len(self):,} pairs, max_len {self.max_len}; mean reply tokens: chosen {n[0]:.1f}, "
+            f"rejected {n[1]:.1f}; {len(self.truncated)} truncated, {len(self.skipped)} skipped)")
 
 # %% ../nbs/07_dpo.ipynb #264b6adb
 def freeze(model:nn.Module, # the model to freeze (changed in place)

@@ -175,6 +175,7 @@ def _letter_sequences(tokenizer, rec:dict, fmt:str)->list[tuple[list[int], int]]
     return [(ctx + tokenizer.encode(L if fmt == "chat" else " " + L), 1 if fmt == "chat" else len(tokenizer.encode(" " + L)))
             for L in LETTERS[:len(rec["choices"])]]
 
+# %% ../nbs/12_eval.ipynb #f3b8d5ce
 def choice_scores(model:MiniMindForCausalLM, # the model (eval mode)
                   tokenizer, # its tokenizer
                   records:list[dict], # from `read_choices` or `parse_choice_record`
@@ -285,6 +286,7 @@ def build_parser()->argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     return p
 
+# %% ../nbs/12_eval.ipynb #97d8514f
 def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1:])
         )->dict: # the results row
     "Entry point of `python -m minimind.eval`."

@@ -137,6 +137,7 @@ def _resolve_config(source:Path, preset, config, sd)->tuple[MiniMindConfig, str]
     print(f"{source}: no config given; the tensor shapes match preset {name!r}")
     return MiniMindConfig.from_preset(name), f"preset {name!r} (inferred from the shapes)"
 
+# %% ../nbs/02c_weights.ipynb #9f7c538d
 def load_model(source:str|Path, # an upstream .pth, or a Hugging Face directory (MiniMind, Llama or Qwen3 layout)
                preset:str|None=None, # a key of PRESETS (a .pth carries no config)
                config:MiniMindConfig|dict|None=None, # the config itself (wins over `preset` and config.json)

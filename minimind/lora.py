@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -69,33 +70,37 @@ class LoRALinear(nn.Module):
         if self.merged: return y
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (..., r) -> (..., out)
 
-    @torch.no_grad()
-    def merge(self):
-        "Add the update into the base weight; the layer then computes the same as one plain `nn.Linear`."
-        if not self.merged: self.base.weight += self.delta_weight().to(self.base.weight.dtype); self.merged = True
+# %% ../nbs/06_lora.ipynb #d3f462de
+@patch
+@torch.no_grad()
+def merge(self:LoRALinear):
+    "Add the update into the base weight; the layer then computes the same as one plain `nn.Linear`."
+    if not self.merged: self.base.weight += self.delta_weight().to(self.base.weight.dtype); self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self):
-        "Subtract the update from the base weight again (restores it up to float rounding)."
-        if self.merged: self.base.weight -= self.delta_weight().to(self.base.weight.dtype); self.merged = False
+@patch
+@torch.no_grad()
+def unmerge(self:LoRALinear):
+    "Subtract the update from the base weight again (restores it up to float rounding)."
+    if self.merged: self.base.weight -= self.delta_weight().to(self.base.weight.dtype); self.merged = False
 
-    def merged_weight(self)->torch.Tensor: # (out, in)
-        "The weight this layer acts as: W + (alpha / rank) B A."
-        return self.base.weight if self.merged else self.base.weight + self.delta_weight()
+@patch
+def merged_weight(self:LoRALinear)->torch.Tensor: # (out, in)
+    "The weight this layer acts as: W + (alpha / rank) B A."
+    return self.base.weight if self.merged else self.base.weight + self.delta_weight()
 
-    @classmethod
-    def fuse(cls, layers:list["LoRALinear"], # layers reading the same input (q, k, v or gate, up)
-            )->nn.Linear: # one frozen layer whose outputs are theirs side by side
-        "Stack the layers' merged weights row-wise: one product at inference (`minimind.model.fused_projections`)."
-        with torch.no_grad(), torch.inference_mode(False):
-            w = torch.cat([l.merged_weight() for l in layers])                          # (sum of outs, in)
-            biases = [l.base.bias for l in layers]
-            b = None if all(v is None for v in biases) else torch.cat(
-                [v if v is not None else w.new_zeros(l.out_features) for v, l in zip(biases, layers)])
-        fused = Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-        fused.weight = nn.Parameter(w, requires_grad=False)
-        if b is not None: fused.bias = nn.Parameter(b, requires_grad=False)
-        return fused
+@patch(cls_method=True)
+def fuse(cls:LoRALinear, layers:list["LoRALinear"], # layers reading the same input (q, k, v or gate, up)
+        )->nn.Linear: # one frozen layer whose outputs are theirs side by side
+    "Stack the layers' merged weights row-wise: one product at inference (`minimind.model.fused_projections`)."
+    with torch.no_grad(), torch.inference_mode(False):
+        w = torch.cat([l.merged_weight() for l in layers])                          # (sum of outs, in)
+        biases = [l.base.bias for l in layers]
+        b = None if all(v is None for v in biases) else torch.cat(
+            [v if v is not None else w.new_zeros(l.out_features) for v, l in zip(biases, layers)])
+    fused = Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if b is not None: fused.bias = nn.Parameter(b, requires_grad=False)
+    return fused
 
 # %% ../nbs/06_lora.ipynb #d46bb7b8
 LORA_TARGETS = {"all": r"(q|k|v|o|gate|up|down)_proj$",  # every attention and MLP projection (experts too, not routers)
@@ -113,6 +118,7 @@ def lora_parameters(model:nn.Module, # a model with adapters
     "The adapter parameters (the only ones `apply_lora` leaves trainable)."
     return [p for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)]
 
+# %% ../nbs/06_lora.ipynb #d5da1f01
 def _some(names:list, n:int=6)->str: return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 def _wrap(model:nn.Module, names:list[str], rank:int, alpha:float, dropout:float):
@@ -147,6 +153,7 @@ def apply_lora(model:nn.Module, # changed in place: frozen, with adapters on the
     _wrap(model, names, rank, alpha, dropout)
     return names
 
+# %% ../nbs/06_lora.ipynb #9ddf16ef
 def merge_lora(model:nn.Module, # a model with adapters
               )->int: # how many layers were merged
     "Add every adapter's update into its base weight (the adapters stay, switched off, until `unmerge_lora`)."
@@ -194,6 +201,7 @@ def save_lora(model:nn.Module, # a model with adapters (merged or not)
     atomic_write(path / ADAPTER_CONFIG, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     return path
 
+# %% ../nbs/06_lora.ipynb #cc906464
 def read_lora_config(path:str|Path, # a folder written by `save_lora`
                     )->dict: # the contents of adapter_config.json
     "The settings of a saved adapter, with a clear error for a folder that is not one."
@@ -214,6 +222,7 @@ def config_differences(saved:dict|None, # the base config an adapter was trained
     return [f"{k}: adapter {saved.get(k)!r}, model {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in CONFIG_FIELDS_IGNORED and saved.get(k) != now.get(k)]
 
+# %% ../nbs/06_lora.ipynb #b399c7b1
 def load_lora(model:nn.Module, # a plain model (adapters are added) or one with the same adapters (overwritten)
               path:str|Path, # a folder written by `save_lora`
              )->list[str]: # the names of the adapted layers

@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
 from .moe import MoEFeedForward
@@ -89,40 +90,44 @@ class MiniMindConfig:
         if self.rope_scaling is None and self.inference_rope_scaling: self.rope_scaling = dict(YARN_DEFAULT)
         self._check()
 
-    def _check(self):
-        "Raise a clear error for settings no model can be built from."
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"MiniMindConfig: num_attention_heads={self.num_attention_heads} is not a multiple "
-                             f"of num_key_value_heads={self.num_key_value_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"MiniMindConfig: hidden_act={self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
-        kind = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type", "yarn"))
-        if kind != "yarn": raise ValueError(f"MiniMindConfig: rope_scaling type {kind!r}; only 'yarn' is supported")
-        if self.use_moe and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-            raise ValueError(f"MiniMindConfig: num_experts_per_tok={self.num_experts_per_tok} must be in "
-                             f"1..n_routed_experts={self.n_routed_experts}")
-
     @property
     def num_experts(self)->int: return self.n_routed_experts  # minimind-3's name
     @property
     def router_aux_loss_coef(self)->float: return self.aux_loss_alpha  # minimind-3's name
-
-    def to_dict(self)->dict: # every field, resolved; `MiniMindConfig(**d)` rebuilds the same config
-        "The settings as a plain dict (JSON-ready)."
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in ((k, getattr(self, k)) for k in CONFIG_DEFAULTS)}
-
-    @classmethod
-    def from_preset(cls, name:str, # a key of `PRESETS`
-                    **overrides)->"MiniMindConfig": # fields to change
-        "The config of preset `name`, with `overrides` applied."
-        if name not in PRESETS: raise KeyError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     def __eq__(self, other): return isinstance(other, MiniMindConfig) and self.to_dict() == other.to_dict()
     def __repr__(self):
         keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size", "qk_norm", "use_moe")
         return f"MiniMindConfig({', '.join(f'{k}={getattr(self, k)}' for k in keys)}, ...)"
+
+# %% ../nbs/02_model.ipynb #ac4deec5
+@patch
+def _check(self:MiniMindConfig):
+    "Raise a clear error for settings no model can be built from."
+    if self.num_attention_heads % self.num_key_value_heads:
+        raise ValueError(f"MiniMindConfig: num_attention_heads={self.num_attention_heads} is not a multiple "
+                         f"of num_key_value_heads={self.num_key_value_heads}")
+    if self.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"MiniMindConfig: hidden_act={self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
+    kind = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type", "yarn"))
+    if kind != "yarn": raise ValueError(f"MiniMindConfig: rope_scaling type {kind!r}; only 'yarn' is supported")
+    if self.use_moe and not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+        raise ValueError(f"MiniMindConfig: num_experts_per_tok={self.num_experts_per_tok} must be in "
+                         f"1..n_routed_experts={self.n_routed_experts}")
+
+# %% ../nbs/02_model.ipynb #8f7b62da
+@patch
+def to_dict(self:MiniMindConfig)->dict: # every field, resolved; `MiniMindConfig(**d)` rebuilds the same config
+    "The settings as a plain dict (JSON-ready)."
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in ((k, getattr(self, k)) for k in CONFIG_DEFAULTS)}
+
+@patch(cls_method=True)
+def from_preset(cls:MiniMindConfig, name:str, # a key of `PRESETS`
+                **overrides)->"MiniMindConfig": # fields to change
+    "The config of preset `name`, with `overrides` applied."
+    if name not in PRESETS: raise KeyError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return cls(**{**PRESETS[name], **overrides})
 
 # %% ../nbs/02_model.ipynb #69b727df
 _V3 = dict(qk_norm=True, rms_norm_eps=1e-6)  # minimind-3 layout
@@ -232,6 +237,7 @@ class OneDNNLinear(torch.autograd.Function):
         if dy.shape[1] > x.shape[1]: return dx, onednn_mm_t(x.t(), dy.t()).t()          # (N, K) = (x.T @ dy).T
         return dx, onednn_mm_t(dy.t(), x.t())                                           # (N, K) = dy.T @ x
 
+# %% ../nbs/02_model.ipynb #d034ba7f
 def linear(x:torch.Tensor, # (..., K)
            w:torch.Tensor, # (N, K)
            b:torch.Tensor|None=None, # (N,) or None
@@ -283,31 +289,33 @@ class Attention(nn.Module):
         if self.fused_qkv is not None: return self.fused_qkv(x)
         return torch.cat([p(x) for p in parts], -1)
 
-    def forward(self, x:torch.Tensor, # (B, T, C)
-                cos:torch.Tensor, # (T, head_dim) or (B, 1, T, head_dim): RoPE rows of these positions
-                sin:torch.Tensor, # same shape as cos
-                mask:torch.Tensor|None=None, # bool (B or 1, 1, T, S), True = may attend; None = causal
-                cache=None, # KV cache (see above) or None
-               )->torch.Tensor: # (B, T, C)
-        B, T, _ = x.shape
-        q, k, v = self.project_qkv(x).split([self.n_heads * self.head_dim] + 2 * [self.n_kv_heads * self.head_dim], -1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        if self.qk_norm: q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        if cache is not None: k, v = cache.update(self.layer_idx, k, v)                # (B, Hkv, S, d)
-        p = self.dropout if self.training else 0.0                                      # attention dropout
-        if T == 1:  # one new token: the query heads of a group become query rows of their kv head
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v,
-                                               attn_mask=mask, dropout_p=p)            # (B, Hkv, H/Hkv, d)
-            y = y.reshape(B, 1, -1)                                                    # heads in q's order
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None,
-                                               enable_gqa=True)                        # (B, H, T, d)
-            y = y.transpose(1, 2).reshape(B, T, -1)
-        y = self.o_proj(y)
-        return F.dropout(y, p) if p else y
+# %% ../nbs/02_model.ipynb #6c9fd799
+@patch
+def forward(self:Attention, x:torch.Tensor, # (B, T, C)
+            cos:torch.Tensor, # (T, head_dim) or (B, 1, T, head_dim): RoPE rows of these positions
+            sin:torch.Tensor, # same shape as cos
+            mask:torch.Tensor|None=None, # bool (B or 1, 1, T, S), True = may attend; None = causal
+            cache=None, # KV cache (see above) or None
+           )->torch.Tensor: # (B, T, C)
+    B, T, _ = x.shape
+    q, k, v = self.project_qkv(x).split([self.n_heads * self.head_dim] + 2 * [self.n_kv_heads * self.head_dim], -1)
+    q = q.view(B, T, self.n_heads, self.head_dim)
+    k = k.view(B, T, self.n_kv_heads, self.head_dim)
+    v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+    if self.qk_norm: q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+    if cache is not None: k, v = cache.update(self.layer_idx, k, v)                # (B, Hkv, S, d)
+    p = self.dropout if self.training else 0.0                                      # attention dropout
+    if T == 1:  # one new token: the query heads of a group become query rows of their kv head
+        y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v,
+                                           attn_mask=mask, dropout_p=p)            # (B, Hkv, H/Hkv, d)
+        y = y.reshape(B, 1, -1)                                                    # heads in q's order
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None,
+                                           enable_gqa=True)                        # (B, H, T, d)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+    y = self.o_proj(y)
+    return F.dropout(y, p) if p else y
 
 # %% ../nbs/02_model.ipynb #a2048dba
 class FeedForward(nn.Module):
@@ -421,6 +429,7 @@ def lm_loss(logits:torch.Tensor, # (B, T, V)
     total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y, ignore_index=-100, reduction="sum")
     return total / (y != -100).sum().clamp(min=1)
 
+# %% ../nbs/02_model.ipynb #fca6d5a2
 class MiniMindForCausalLM(nn.Module):
     "The MiniMind causal language model, with upstream's parameter names."
     def __init__(self, config:MiniMindConfig|None=None): # settings (default: `MiniMindConfig()`, MiniMind2-small)

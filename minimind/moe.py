@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch import nn
 
 # %% ../nbs/03_moe.ipynb #8fc3100d
@@ -99,23 +100,26 @@ class MoEFeedForward(nn.Module):
         else: self.aux_loss = scores.new_zeros(())
         return y.view(B, T, C)
 
-    @torch.no_grad()
-    def _record(self, scores, idx):
-        "Keep the load and entropy of this forward; count picks for the bias update."
-        picks = idx.reshape(-1).bincount(minlength=len(self.experts)).float()
-        self.last_load.copy_(picks / picks.sum())
-        self.last_entropy.copy_(-(scores * scores.clamp_min(1e-20).log()).sum(-1).mean())
-        if self.training and self.bias_update_rate > 0:
-            self.pick_counts = picks if self.pick_counts is None else self.pick_counts + picks
+# %% ../nbs/03_moe.ipynb #12cd8312
+@patch
+@torch.no_grad()
+def _record(self:MoEFeedForward, scores, idx):
+    "Keep the load and entropy of this forward; count picks for the bias update."
+    picks = idx.reshape(-1).bincount(minlength=len(self.experts)).float()
+    self.last_load.copy_(picks / picks.sum())
+    self.last_entropy.copy_(-(scores * scores.clamp_min(1e-20).log()).sum(-1).mean())
+    if self.training and self.bias_update_rate > 0:
+        self.pick_counts = picks if self.pick_counts is None else self.pick_counts + picks
 
-    @torch.no_grad()
-    def update_bias(self, gamma:float|None=None, # step size; default `self.bias_update_rate`
-                   ):
-        "Move `expert_bias` one step toward even load (`b += gamma * sign(mean - picks)`) and clear the counts."
-        if self.pick_counts is None: return
-        picks, self.pick_counts = self.pick_counts, None
-        if dist.is_available() and dist.is_initialized(): dist.all_reduce(picks)   # every rank's picks
-        self.expert_bias += (self.bias_update_rate if gamma is None else gamma) * torch.sign(picks.mean() - picks)
+@patch
+@torch.no_grad()
+def update_bias(self:MoEFeedForward, gamma:float|None=None, # step size; default `self.bias_update_rate`
+               ):
+    "Move `expert_bias` one step toward even load (`b += gamma * sign(mean - picks)`) and clear the counts."
+    if self.pick_counts is None: return
+    picks, self.pick_counts = self.pick_counts, None
+    if dist.is_available() and dist.is_initialized(): dist.all_reduce(picks)   # every rank's picks
+    self.expert_bias += (self.bias_update_rate if gamma is None else gamma) * torch.sign(picks.mean() - picks)
 
 # %% ../nbs/03_moe.ipynb #abfd69ef
 def update_router_bias(model:nn.Module, # a model (or DDP-wrapped model) with MoE layers

@@ -11,6 +11,7 @@ __all__ = ['quantize_weight', 'Int8Linear', 'quantize_model']
 # %% ../nbs/02d_decode_speed.ipynb #8c96589d
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
 # %% ../nbs/02d_decode_speed.ipynb #d7533061
@@ -34,25 +35,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, device=device))
         self._scale_bf16, self._scale_key = None, None
 
-    @classmethod
-    def from_linear(cls, linear:nn.Linear, # a bias-free float layer
-                   )->"Int8Linear": # its int8 version
-        "Quantize a float `nn.Linear`."
-        if linear.bias is not None: raise ValueError("Int8Linear: layers with a bias are not supported")
-        m = cls(linear.in_features, linear.out_features, linear.weight.device)
-        q, s = quantize_weight(linear.weight)
-        with torch.no_grad(): m.weight.copy_(q); m.scale.copy_(s)
-        return m
-
-    @classmethod
-    def fuse(cls, layers:list["Int8Linear"], # layers reading the same input
-            )->"Int8Linear": # one layer whose outputs are theirs side by side
-        "Stack layers row-wise (exact: every row keeps its own scale)."
-        m = cls(layers[0].in_features, sum(l.out_features for l in layers), layers[0].weight.device)
-        with torch.no_grad():
-            m.weight.copy_(torch.cat([l.weight for l in layers])); m.scale.copy_(torch.cat([l.scale for l in layers]))
-        return m
-
     def extra_repr(self)->str: return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
     def scale_bf16(self)->torch.Tensor: # (out,) the scales in bf16, cached until `scale` changes
@@ -69,6 +51,26 @@ class Int8Linear(nn.Module):
                                                    self.scale_bf16())
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+# %% ../nbs/02d_decode_speed.ipynb #4951072f
+@patch(cls_method=True)
+def from_linear(cls:Int8Linear, linear:nn.Linear, # a bias-free float layer
+               )->"Int8Linear": # its int8 version
+    "Quantize a float `nn.Linear`."
+    if linear.bias is not None: raise ValueError("Int8Linear: layers with a bias are not supported")
+    m = cls(linear.in_features, linear.out_features, linear.weight.device)
+    q, s = quantize_weight(linear.weight)
+    with torch.no_grad(): m.weight.copy_(q); m.scale.copy_(s)
+    return m
+
+@patch(cls_method=True)
+def fuse(cls:Int8Linear, layers:list["Int8Linear"], # layers reading the same input
+        )->"Int8Linear": # one layer whose outputs are theirs side by side
+    "Stack layers row-wise (exact: every row keeps its own scale)."
+    m = cls(layers[0].in_features, sum(l.out_features for l in layers), layers[0].weight.device)
+    with torch.no_grad():
+        m.weight.copy_(torch.cat([l.weight for l in layers])); m.scale.copy_(torch.cat([l.scale for l in layers]))
+    return m
 
 # %% ../nbs/02d_decode_speed.ipynb #2766f62d
 def quantize_model(model:nn.Module, # a float model, changed in place

@@ -51,6 +51,7 @@ def format_ok(text:str, # a completion
     m = FORMAT_RE.fullmatch(text)
     return m is not None and len(TAG_RE.findall(text)) == 4 and bool(m[1].strip()) and bool(m[2].strip())
 
+# %% ../nbs/09_reasoning.ipynb #1c5bbf56
 def normalize_answer(s:str, # an answer
                     )->str: # list separators as ", ", single spaces
     "Write list separators (`,` `，` `、`) one way and collapse whitespace, so `23、29` equals `23, 29`."
@@ -73,6 +74,7 @@ def partial_credit(pred:str|None, # the extracted answer (None: there is none)
         return sum(a == b for a, b in zip(reversed(p), reversed(t))) / max(len(p), len(t))
     return sum(a == b for a, b in zip(p, t)) / max(len(p), len(t))
 
+# %% ../nbs/09_reasoning.ipynb #a6b10809
 def reward(completion:str, # the generated text (after the prompt, without the end-of-turn token)
            answer:str, # the ground truth
            format_weight:float=0.1, # share of the reward for the think/answer layout
@@ -94,6 +96,7 @@ def final_answer(text:str, # a completion
     nums = re.findall(r"-?\d+", text)
     return ", ".join(nums[-k:]) if len(nums) >= k else None
 
+# %% ../nbs/09_reasoning.ipynb #0806327e
 def read_problems(path:str|Path, # a JSONL file of problems
                   kind:str="rl", # "rl" (empty assistant placeholder) or "reason" (with the trace)
                  )->list[dict]: # the records, each with a string "answer"
@@ -107,6 +110,7 @@ def read_problems(path:str|Path, # a JSONL file of problems
         out.append(rec)
     return out
 
+# %% ../nbs/09_reasoning.ipynb #0c6dff4a
 @torch.no_grad()
 def sample_completions(model:nn.Module, # the policy (not a DDP wrapper)
                        tok, # its tokenizer
@@ -134,6 +138,7 @@ def completion_text(tok, # the tokenizer
                    )->str: # its text without the end-of-turn token
     return tok.decode([t for t in ids if t != tok.eos_id])
 
+# %% ../nbs/09_reasoning.ipynb #f1535eec
 @torch.no_grad()
 def reasoning_accuracy(model:nn.Module, # the model
                        tok, # its tokenizer

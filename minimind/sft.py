@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch.utils.data import Dataset
 
 from .data import DataError, read_jsonl, validate_record
@@ -119,6 +120,7 @@ def _sources(source)->list:
             yield i, r
     return [("records", checked(source))]
 
+# %% ../nbs/05_sft.ipynb #a2b62f2b
 class SFTDataset(Dataset):
     "Conversations as rows of `seq_len` inputs with pre-shifted labels, trained only on the assistant's replies."
     def __init__(self, source, # a JSONL path (or several) of {"conversations": [...]} records, or a list of records
@@ -158,32 +160,37 @@ class SFTDataset(Dataset):
 
     def __len__(self)->int: return len(self.row_starts) - 1
 
-    def row(self, i:int)->tuple[np.ndarray, np.ndarray]: # ids (<= seq_len + 1,), trained (same)
-        "The tokens of row `i` and their trained mask, before shifting and padding."
-        parts = [slice(self.starts[c], self.starts[c + 1]) for c in self.convs[self.row_starts[i]:self.row_starts[i + 1]]]
-        return (np.concatenate([self.tokens[s] for s in parts]).astype(np.int64),
-                np.concatenate([self.trained[s] for s in parts]))
+# %% ../nbs/05_sft.ipynb #0f4833b1
+@patch
+def row(self:SFTDataset, i:int)->tuple[np.ndarray, np.ndarray]: # ids (<= seq_len + 1,), trained (same)
+    "The tokens of row `i` and their trained mask, before shifting and padding."
+    parts = [slice(self.starts[c], self.starts[c + 1]) for c in self.convs[self.row_starts[i]:self.row_starts[i + 1]]]
+    return (np.concatenate([self.tokens[s] for s in parts]).astype(np.int64),
+            np.concatenate([self.trained[s] for s in parts]))
 
-    def __getitem__(self, i:int)->dict: # {"input_ids": (seq_len,) int64, "labels": (seq_len,) int64}
-        x, y = shift_labels(*self.row(i))
-        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
-        labels = torch.full((self.seq_len,), IGNORE, dtype=torch.long)
-        input_ids[:len(x)], labels[:len(y)] = torch.from_numpy(x), torch.from_numpy(y)
-        return {"input_ids": input_ids, "labels": labels}
+@patch
+def __getitem__(self:SFTDataset, i:int)->dict: # {"input_ids": (seq_len,) int64, "labels": (seq_len,) int64}
+    x, y = shift_labels(*self.row(i))
+    input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+    labels = torch.full((self.seq_len,), IGNORE, dtype=torch.long)
+    input_ids[:len(x)], labels[:len(y)] = torch.from_numpy(x), torch.from_numpy(y)
+    return {"input_ids": input_ids, "labels": labels}
 
-    @property
-    def stats(self)->dict: # conversations, rows, real and trained tokens, and the fractions of the row slots they fill
-        "How full the rows are."
-        slots, real = len(self) * self.seq_len, len(self.tokens) - len(self) # each row's last token is only a target
-        trained = int(self.trained.sum())
-        return {"conversations": len(self.starts) - 1, "rows": len(self), "real tokens": real, "trained tokens": trained,
-                "real / slots": real / slots, "trained / slots": trained / slots,
-                "skipped": len(self.problems["skip"]), "truncated": len(self.problems["truncate"])}
+# %% ../nbs/05_sft.ipynb #dc1824c6
+@patch(as_prop=True)
+def stats(self:SFTDataset)->dict: # conversations, rows, real and trained tokens, and the fractions of the row slots they fill
+    "How full the rows are."
+    slots, real = len(self) * self.seq_len, len(self.tokens) - len(self) # each row's last token is only a target
+    trained = int(self.trained.sum())
+    return {"conversations": len(self.starts) - 1, "rows": len(self), "real tokens": real, "trained tokens": trained,
+            "real / slots": real / slots, "trained / slots": trained / slots,
+            "skipped": len(self.problems["skip"]), "truncated": len(self.problems["truncate"])}
 
-    def __repr__(self):
-        s = self.stats
-        return (f"SFTDataset({s['conversations']:,} conversations in {s['rows']:,} {'packed' if self.pack else 'padded'} rows "
-                f"of {self.seq_len}: {s['real / slots']:.1%} real tokens, {s['trained / slots']:.1%} trained)")
+@patch
+def __repr__(self:SFTDataset):
+    s = self.stats
+    return (f"SFTDataset({s['conversations']:,} conversations in {s['rows']:,} {'packed' if self.pack else 'padded'} rows "
+            f"of {self.seq_len}: {s['real / slots']:.1%} real tokens, {s['trained / slots']:.1%} trained)")
 
 # %% ../nbs/05_sft.ipynb #d365b2e5
 def sft_collate(samples:list[dict], # `SFTDataset` items
@@ -209,6 +216,7 @@ def _fact_answers()->dict: # question -> every accepted answer
             for k in range(len(questions)): golds.setdefault(ask_fact(f, lang, _Nth(k)), set()).update(answers)
     return golds
 
+# %% ../nbs/05_sft.ipynb #740e1ff4
 _ZH = "零一二三四五六七八九十百千"
 _SUM = re.compile(rf"\d+ [+-] \d+ = \d+\.|[A-Z][a-z -]* (plus|minus) [a-z -]+ is [a-z -]+\.|[{_ZH}]+[加减][{_ZH}]+等于[{_ZH}]+。")
 
@@ -252,6 +260,7 @@ def answer(model, # a MiniMind model (eval mode)
     if system is not None and msgs[0]["role"] != "system": msgs = [{"role": "system", "content": system}] + msgs
     return generate_text(model, tok, [msgs], max_new_tokens, **kwargs)[0]
 
+# %% ../nbs/05_sft.ipynb #6ecfce7a
 @torch.no_grad()
 def sft_ce(model, # a MiniMind model
            ds:SFTDataset, # the held-out conversations
@@ -267,6 +276,7 @@ def sft_ce(model, # a MiniMind model
     model.train(was)
     return total / max(count, 1)
 
+# %% ../nbs/05_sft.ipynb #b669609b
 def sft_eval(model, # a MiniMind model
              tok, # its tokenizer
              records:list, # held-out {"conversations": [...]} records

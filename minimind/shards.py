@@ -165,6 +165,7 @@ def build_token_file(paths, # one JSONL file of `{"text": ...}` records, or seve
         (tmp/"meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
     return TokenFile(final)
 
+# %% ../nbs/04a_shards.ipynb #e5b46dd0
 def _reuse(folder:Path, on_error:str)->"TokenFile":
     "The cached token file in `folder`, unless it was built by skipping lines and `on_error` is 'raise'."
     tf = TokenFile(folder)
@@ -274,6 +275,7 @@ def _rss_now_mb()->dict:
     except OSError: return {}
     return {f"{k[3:].lower()}_now_mb": round(int(v) / 1024, 1) for k, v in re.findall(r"^(RssAnon|RssFile):\s*(\d+)", status, re.M)}
 
+# %% ../nbs/04a_shards.ipynb #f86e885e
 def peak_memory_while_packing(jsonl:str|Path, # a pretraining JSONL file
                               tokenizer_dir:str|Path, # a saved tokenizer
                               out_dir:str|Path, # where the token file goes
@@ -307,6 +309,7 @@ def peak_memory_while_packing(jsonl:str|Path, # a pretraining JSONL file
                 peak_rss_mb=round(_max_rss_mb(), 1), workers_peak_rss_mb=round(_max_rss_mb(children=True), 1),
                 **_rss_now_mb())
 
+# %% ../nbs/04a_shards.ipynb #0fa87e1f
 def measure_memory(size_mb:float=1000, # the large generated file, MB
                    baseline_mb:float=10, # the small one
                    steps:int=300, # training steps for each

@@ -40,6 +40,8 @@ _EXTRA = {"en": ["{H} liked to {HOBBY}.", "Every day {H} ate {FOOD}.", "{H} had 
           "zh": ["{H}喜欢{HOBBY}。", "{H}每天都吃{FOOD}。", "{H}在{T}有很多朋友。"]}
 _TIME = {"en": ["One morning", "One day", "One sunny afternoon", "One evening"],
          "zh": ["一天早上", "有一天", "一个晴朗的下午", "一天傍晚"]}
+
+# %% ../nbs/00c_tinyworld.ipynb #3f6a409f
 PLOTS = { # plot: [(optional?, {"en": [...], "zh": [...]}), ...]
     "found": [
         (False, {"en": ["{TIME}, {H} found {A_O} under a big tree.", "{TIME}, {H} saw {A_O} lying by {R}."],
@@ -64,24 +66,26 @@ PLOTS = { # plot: [(optional?, {"en": [...], "zh": [...]}), ...]
                 "zh": ["{F}给了{H}一些{FFOOD}。", "它们一起吃{FFOOD}，等太阳出来。"]}),
         (False, {"en": ["When the rain stopped, {H} went home over the bridge.", "In the evening {H} went back to {T}, dry and happy."],
                  "zh": ["雨停了，{H}走过一座桥，回家了。", "傍晚，{H}高高兴兴地回到了{T}。"]})],
-    "count": [
-        (False, {"en": ["{TIME}, {H} walked along {R}."], "zh": ["{TIME}，{H}沿着{R}散步。"]}),
-        (False, {"en": ["{H} saw {C1} and {C2}."], "zh": ["{H}看见了{C1}和{C2}。"]}),
-        (False, {"en": ["{H} counted them: {N1} and {N2} make {NS}."], "zh": ["{H}数了数：{N1}加{N2}等于{NS}。"]}),
-        (True, {"en": ["\"There are {NS} animals by the river!\" said {H}."], "zh": ["“河边一共有{NS}只动物！”{H}说。"]}),
-        (False, {"en": ["Then {H} ran home to tell {F} about it."], "zh": ["然后{H}跑回家，把这件事告诉了{F}。"]})],
-    "climb": [
-        (False, {"en": ["{TIME}, {H} wanted to climb {M}.", "{TIME}, {H} decided to climb {M}."],
-                 "zh": ["{TIME}，{H}想去爬{M}。", "{TIME}，{H}决定去爬{M}。"]}),
-        (True, {"en": ["{H} asked {F} to come too."], "zh": ["{H}请{F}一起去。"]}),
-        (False, {"en": ["{H} and {F} crossed the bridge over {R}."], "zh": ["{H}和{F}走过{R}上的一座桥。"]}),
-        (True, {"en": ["The path was long, and {H} was tired.", "The mountain was high, and the wind was cold."],
-                "zh": ["山路很长，{H}累了。", "山很高，风很冷。"]}),
-        (True, {"en": ["{F} said, \"Do not give up, {H}!\""], "zh": ["{F}说：“{H}，不要放弃！”"]}),
-        (False, {"en": ["At the top of {M}, they saw {T} far below."], "zh": ["在{M}的山顶上，它们看见了远处的{T}。"]}),
-        (False, {"en": ["They ate {FOOD} and {FFOOD}, and came home tired and happy."],
-                 "zh": ["它们吃了{FOOD}和{FFOOD}，又累又开心地回家了。"]})],
 }
+
+# %% ../nbs/00c_tinyworld.ipynb #480e3c4d
+PLOTS["count"] = [
+    (False, {"en": ["{TIME}, {H} walked along {R}."], "zh": ["{TIME}，{H}沿着{R}散步。"]}),
+    (False, {"en": ["{H} saw {C1} and {C2}."], "zh": ["{H}看见了{C1}和{C2}。"]}),
+    (False, {"en": ["{H} counted them: {N1} and {N2} make {NS}."], "zh": ["{H}数了数：{N1}加{N2}等于{NS}。"]}),
+    (True, {"en": ["\"There are {NS} animals by the river!\" said {H}."], "zh": ["“河边一共有{NS}只动物！”{H}说。"]}),
+    (False, {"en": ["Then {H} ran home to tell {F} about it."], "zh": ["然后{H}跑回家，把这件事告诉了{F}。"]})]
+PLOTS["climb"] = [
+    (False, {"en": ["{TIME}, {H} wanted to climb {M}.", "{TIME}, {H} decided to climb {M}."],
+             "zh": ["{TIME}，{H}想去爬{M}。", "{TIME}，{H}决定去爬{M}。"]}),
+    (True, {"en": ["{H} asked {F} to come too."], "zh": ["{H}请{F}一起去。"]}),
+    (False, {"en": ["{H} and {F} crossed the bridge over {R}."], "zh": ["{H}和{F}走过{R}上的一座桥。"]}),
+    (True, {"en": ["The path was long, and {H} was tired.", "The mountain was high, and the wind was cold."],
+            "zh": ["山路很长，{H}累了。", "山很高，风很冷。"]}),
+    (True, {"en": ["{F} said, \"Do not give up, {H}!\""], "zh": ["{F}说：“{H}，不要放弃！”"]}),
+    (False, {"en": ["At the top of {M}, they saw {T} far below."], "zh": ["在{M}的山顶上，它们看见了远处的{T}。"]}),
+    (False, {"en": ["They ate {FOOD} and {FFOOD}, and came home tired and happy."],
+             "zh": ["它们吃了{FOOD}和{FFOOD}，又累又开心地回家了。"]})]
 
 # %% ../nbs/00c_tinyworld.ipynb #9a642c64
 def _small_sum(rng:random.Random)->tuple[str, tuple[int, int]]:
@@ -318,6 +322,7 @@ def count_problem(rng:random.Random, lang:str, split:str, difficulty:int)->tuple
     lines.append(f"There are {n} {en if n == 1 else plural}." if lang == "en" else f"一共有{zh_count(n, zh, mw)}。")
     return q, lines, str(n)
 
+# %% ../nbs/00c_tinyworld.ipynb #4999bc66
 def compare_problem(rng:random.Random, lang:str, split:str, difficulty:int)->tuple:
     "Which of two numbers is larger (or smaller)?"
     lo = 10 ** (difficulty - 1) if difficulty > 1 else 0

@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+from fastcore.basics import patch
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -102,13 +103,6 @@ def render_chat_template(messages:list, # [{"role": ..., "content": ...}, ...]
     except jinja2.exceptions.TemplateError as e: raise ValueError(f"chat template: {e}") from e
 
 # %% ../nbs/01_tokenizer.ipynb #4e02bf20
-def _added_tokens_decoder(tok:Tokenizer)->dict:
-    return {str(i): dict(content=t.content, lstrip=t.lstrip, normalized=t.normalized, rstrip=t.rstrip,
-                         single_word=t.single_word, special=t.special)
-            for i, t in sorted(tok.get_added_tokens_decoder().items())}
-
-def _token_str(t): return t["content"] if isinstance(t, dict) else t  # configs store "tok" or {"content": "tok"}
-
 class MiniMindTokenizer:
     "A byte-level BPE tokenizer with MiniMind's special tokens and chat template."
     def __init__(self,
@@ -121,22 +115,6 @@ class MiniMindTokenizer:
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         for t in (bos_token, eos_token, pad_token, unk_token):
             if tokenizer.token_to_id(t) is None: raise ValueError(f"special token {t!r} is not in the vocabulary")
-
-    def encode(self, text:str, # the text to encode
-              )->list[int]: # token ids (no bos/eos added)
-        "Encode `text` to token ids."
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts:list[str], # texts to encode
-                    )->list[list[int]]: # token ids of each text
-        "Encode many texts at once (in parallel in Rust)."
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids:list[int], # token ids
-               skip_special_tokens:bool=False, # drop `<|im_start|>` and friends (tags like `<think>` stay)
-              )->str: # the text
-        "Decode token ids to text."
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token:str)->int|None: return self.tokenizer.token_to_id(token)
     def id_to_token(self, i:int)->str|None: return self.tokenizer.id_to_token(i)
@@ -157,51 +135,83 @@ class MiniMindTokenizer:
     def tag_ids(self)->list[int]: # ids of the reasoning tags that are single tokens
         return [i for i in (*self.think_ids, *self.answer_ids) if i is not None]
 
-    def apply_chat_template(self, messages:list, # [{"role": ..., "content": ...}, ...]
-                            add_generation_prompt:bool=False, # end with `<|im_start|>assistant\n`
-                            tokenize:bool=False, # return token ids instead of the string
-                            **kwargs, # more template variables (`tools`, `open_thinking`, ...)
-                           )->str|list[int]: # the formatted chat, or its ids
-        "Format a chat with the chat template, like `transformers`' method of the same name."
-        if self.chat_template is None: raise ValueError("this tokenizer has no chat template")
-        text = render_chat_template(messages, self.chat_template, add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token,
-                                    pad_token=self.pad_token, unk_token=self.unk_token, **kwargs)
-        return self.encode(text) if tokenize else text
-
-    def save(self, path:str|Path, # directory to write
-            )->Path: # the directory
-        "Save in Hugging Face format: tokenizer.json, tokenizer_config.json, special_tokens_map.json."
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path / "tokenizer.json"))
-        specials = dict(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token, unk_token=self.unk_token)
-        config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
-                      add_prefix_space=False, added_tokens_decoder=_added_tokens_decoder(self.tokenizer), **specials,
-                      chat_template=self.chat_template, model_max_length=self.model_max_length,
-                      clean_up_tokenization_spaces=False, spaces_between_special_tokens=False)
-        (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-        (path / "special_tokens_map.json").write_text(json.dumps(specials, ensure_ascii=False, indent=2), encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path:str|Path, # a directory with tokenizer.json and tokenizer_config.json
-            )->"MiniMindTokenizer":
-        "Load a tokenizer saved by `save`, by `transformers`, or shipped by upstream MiniMind."
-        path = Path(path)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if not (path / name).is_file(): raise FileNotFoundError(f"{path}: missing {name} (not a tokenizer directory)")
-        try: config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e: raise ValueError(f"{path / 'tokenizer_config.json'}: invalid JSON ({e})") from e
-        template = config.get("chat_template")
-        if isinstance(template, list): template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (path / "chat_template.jinja").is_file():  # newer transformers save it apart
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        specials = {k: _token_str(config[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
-        specials.setdefault("unk_token", specials.get("pad_token", PAD))
-        return cls(Tokenizer.from_file(str(path / "tokenizer.json")), template,
-                   model_max_length=min(int(config.get("model_max_length", 32768)), 2**31), **specials)
-
     def __repr__(self): return f"MiniMindTokenizer(vocab_size={len(self)}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+# %% ../nbs/01_tokenizer.ipynb #8f733ac9
+@patch
+def encode(self:MiniMindTokenizer, text:str, # the text to encode
+          )->list[int]: # token ids (no bos/eos added)
+    "Encode `text` to token ids."
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+@patch
+def encode_batch(self:MiniMindTokenizer, texts:list[str], # texts to encode
+                )->list[list[int]]: # token ids of each text
+    "Encode many texts at once (in parallel in Rust)."
+    return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+@patch
+def decode(self:MiniMindTokenizer, ids:list[int], # token ids
+           skip_special_tokens:bool=False, # drop `<|im_start|>` and friends (tags like `<think>` stay)
+          )->str: # the text
+    "Decode token ids to text."
+    return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+# %% ../nbs/01_tokenizer.ipynb #6e6cba41
+@patch
+def apply_chat_template(self:MiniMindTokenizer, messages:list, # [{"role": ..., "content": ...}, ...]
+                        add_generation_prompt:bool=False, # end with `<|im_start|>assistant\n`
+                        tokenize:bool=False, # return token ids instead of the string
+                        **kwargs, # more template variables (`tools`, `open_thinking`, ...)
+                       )->str|list[int]: # the formatted chat, or its ids
+    "Format a chat with the chat template, like `transformers`' method of the same name."
+    if self.chat_template is None: raise ValueError("this tokenizer has no chat template")
+    text = render_chat_template(messages, self.chat_template, add_generation_prompt,
+                                bos_token=self.bos_token, eos_token=self.eos_token,
+                                pad_token=self.pad_token, unk_token=self.unk_token, **kwargs)
+    return self.encode(text) if tokenize else text
+
+# %% ../nbs/01_tokenizer.ipynb #1b9a9722
+def _added_tokens_decoder(tok:Tokenizer)->dict:
+    return {str(i): dict(content=t.content, lstrip=t.lstrip, normalized=t.normalized, rstrip=t.rstrip,
+                         single_word=t.single_word, special=t.special)
+            for i, t in sorted(tok.get_added_tokens_decoder().items())}
+
+@patch
+def save(self:MiniMindTokenizer, path:str|Path, # directory to write
+        )->Path: # the directory
+    "Save in Hugging Face format: tokenizer.json, tokenizer_config.json, special_tokens_map.json."
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    self.tokenizer.save(str(path / "tokenizer.json"))
+    specials = dict(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token, unk_token=self.unk_token)
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
+                  add_prefix_space=False, added_tokens_decoder=_added_tokens_decoder(self.tokenizer), **specials,
+                  chat_template=self.chat_template, model_max_length=self.model_max_length,
+                  clean_up_tokenization_spaces=False, spaces_between_special_tokens=False)
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    (path / "special_tokens_map.json").write_text(json.dumps(specials, ensure_ascii=False, indent=2), encoding="utf-8")
+    return path
+
+# %% ../nbs/01_tokenizer.ipynb #691edbc1
+def _token_str(t): return t["content"] if isinstance(t, dict) else t  # configs store "tok" or {"content": "tok"}
+
+@patch(cls_method=True)
+def load(cls:MiniMindTokenizer, path:str|Path, # a directory with tokenizer.json and tokenizer_config.json
+        )->"MiniMindTokenizer":
+    "Load a tokenizer saved by `save`, by `transformers`, or shipped by upstream MiniMind."
+    path = Path(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (path / name).is_file(): raise FileNotFoundError(f"{path}: missing {name} (not a tokenizer directory)")
+    try: config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e: raise ValueError(f"{path / 'tokenizer_config.json'}: invalid JSON ({e})") from e
+    template = config.get("chat_template")
+    if isinstance(template, list): template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (path / "chat_template.jinja").is_file():  # newer transformers save it apart
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    specials = {k: _token_str(config[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
+    specials.setdefault("unk_token", specials.get("pad_token", PAD))
+    return cls(Tokenizer.from_file(str(path / "tokenizer.json")), template,
+               model_max_length=min(int(config.get("model_max_length", 32768)), 2**31), **specials)
 
 # %% ../nbs/01_tokenizer.ipynb #dcb8fdd7
 def train_tokenizer(texts:Iterable[str], # training texts (any iterable, streamed)
