@@ -7,7 +7,7 @@ Docs: https://minimind-book.github.io/minimind/data.html.md"""
 # %% auto #0
 __all__ = ['ROLES', 'KINDS', 'TAGS', 'THINK', 'END_THINK', 'ANSWER', 'END_ANSWER', 'THINK_RE', 'SNIFF_KEYS', 'cache_dir',
            'atomic_write', 'atomic_dir', 'write_jsonl', 'validate_record', 'DataError', 'parse_line', 'JsonlReader',
-           'read_jsonl', 'validate_file', 'sniff_kind']
+           'read_jsonl', 'validate_file', 'sniff_kind', 'jsonl_problem']
 
 # %% ../nbs/00_data.ipynb #b3a10a0f
 import json
@@ -149,7 +149,7 @@ def parse_line(raw:bytes, # one line of the file, with or without its newline
     except UnicodeDecodeError as e: raise ValueError(f"not valid UTF-8 at byte {e.start}") from None
     if not line.strip(): raise ValueError("blank line")
     try: obj = json.loads(line)
-    except json.JSONDecodeError as e: raise ValueError(f"bad JSON: {e.msg} at column {e.colno}") from None
+    except json.JSONDecodeError as e: raise ValueError(f"bad JSON ({e.msg}, column {e.colno})") from None
     validate_record(obj, kind)
     return obj
 
@@ -218,3 +218,14 @@ def sniff_kind(path, # the JSONL file
     except ValueError as e:
         if "text" not in str(e): raise DataError(path, 1, str(e)) from None
     raise DataError(path, 1, f"cannot tell the record kind: expected one of the keys {', '.join(SNIFF_KEYS)}")
+
+# %% ../nbs/00_data.ipynb #d1d53225
+def jsonl_problem(path, # a JSONL file given to a stage
+                  kind:str|None=None, # the record kind the stage reads (None: any kind `sniff_kind` recognises)
+                 )->str|None: # what is wrong, or None
+    "What is wrong with the first record of `path` for a stage that reads `kind` records (None: nothing)."
+    try:
+        first = next(iter(read_jsonl(path, kind or sniff_kind(path))), None)
+        return "empty file: no records" if first is None else None
+    except DataError as e: return str(e)
+    except OSError as e: return f"cannot read it ({e.strerror})"

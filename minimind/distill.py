@@ -11,15 +11,16 @@ __all__ = ['KL_KINDS', 'DISTILL_STEPS', 'DISTILL_QUICK_ARGS', 'DISTILL', 'distil
 
 # %% ../nbs/08_distill.ipynb #4d418034
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import read_jsonl
+from .data import jsonl_problem, read_jsonl
 from .engine import Trainer, add_engine_args, causal_lm_loss, engine_config
-from .hub import load_model
+from .hub import load_model, model_problem
 from .model import MiniMindConfig, MiniMindForCausalLM
 from .runs import Input, Stage, dist_context, register
 from .sft import SFT, TOO_LONG, SFTDataset, sft_collate, sft_eval
@@ -185,6 +186,6 @@ def run_distill(args:argparse.Namespace, # the `distill` stage's flags, inputs r
     return numbers
 
 DISTILL = register(Stage("distill", "distil the SFT model into a smaller student", add_distill_args, run_distill,
-                         reads=(Input("teacher", SFT, "model"), Input("data", DATA, "sft.jsonl", many=True),
-                                Input("val_data", DATA, "sft_val.jsonl", unless="data")),
+                         reads=(Input("teacher", SFT, "model", check=model_problem), Input("data", DATA, "sft.jsonl", many=True, check=partial(jsonl_problem, kind="sft")),
+                                Input("val_data", DATA, "sft_val.jsonl", unless="data", check=partial(jsonl_problem, kind="sft"))),
                          writes=("model",), distributed=True, quick=DISTILL_QUICK_ARGS))

@@ -13,6 +13,7 @@ __all__ = ['TOO_LONG', 'DPO_STEPS', 'DPO_QUICK_ARGS', 'DPO', 'dpo_loss', 'sequen
 # %% ../nbs/07_dpo.ipynb #6e79b375
 import argparse
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .data import DataError, read_jsonl, validate_record
+from .data import DataError, jsonl_problem, read_jsonl, validate_record
 from .engine import Trainer, add_engine_args, autocast, engine_config
-from .hub import load_model
+from .hub import load_model, model_problem
 from .runs import Input, Stage, dist_context, register
 from .sft import IGNORE, SFT, shift_labels, tokenize_conversations
 from .tinyworld import DATA
@@ -301,6 +302,6 @@ def run_dpo(args:argparse.Namespace, # the `dpo` stage's flags, inputs resolved
     return numbers
 
 DPO = register(Stage("dpo", "direct preference optimisation of the SFT model on chosen/rejected pairs", add_dpo_args, run_dpo,
-                     reads=(Input("init", SFT, "model"), Input("data", DATA, "dpo.jsonl"),
-                            Input("val_data", DATA, "dpo_val.jsonl", unless="data")),
+                     reads=(Input("init", SFT, "model", check=model_problem), Input("data", DATA, "dpo.jsonl", check=partial(jsonl_problem, kind="dpo")),
+                            Input("val_data", DATA, "dpo_val.jsonl", unless="data", check=partial(jsonl_problem, kind="dpo"))),
                      writes=("model",), distributed=True, quick=DPO_QUICK_ARGS))

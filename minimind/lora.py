@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,10 +28,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .data import atomic_write, read_jsonl
+from .data import atomic_write, jsonl_problem, read_jsonl
 from .engine import AMP_DTYPES, Trainer, add_engine_args, causal_lm_loss, engine_config
 from .generate import generate_text
-from .hub import WeightsError, load_model
+from .hub import WeightsError, load_model, model_problem
 from .model import Linear
 from .runs import Input, Stage, dist_context, register, say
 from .sft import SFT, SFTDataset, sft_collate, sft_eval
@@ -387,7 +388,7 @@ def run_lora(args:argparse.Namespace, # the `lora` stage's flags, inputs resolve
     return numbers
 
 LORA = register(Stage("lora", "low-rank adapters on the SFT model (a new identity by default)", add_lora_args, run_lora,
-                      reads=(Input("init", SFT, "model"), Input("data", DATA, IDENTITY_FILE, many=True),
-                             Input("replay_data", DATA, "sft.jsonl", unless="data", many=True),
-                             Input("val_data", DATA, "sft_val.jsonl", unless="data")),
+                      reads=(Input("init", SFT, "model", check=model_problem), Input("data", DATA, IDENTITY_FILE, many=True, check=partial(jsonl_problem, kind="sft")),
+                             Input("replay_data", DATA, "sft.jsonl", unless="data", many=True, check=partial(jsonl_problem, kind="sft")),
+                             Input("val_data", DATA, "sft_val.jsonl", unless="data", check=partial(jsonl_problem, kind="sft"))),
                       writes=("adapter", "model"), distributed=True, quick=LORA_QUICK_ARGS))

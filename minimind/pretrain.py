@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
+from .data import jsonl_problem
+from functools import partial
 from .engine import Trainer, add_engine_args, causal_lm_loss, engine_config
 from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from .moe import update_router_bias
 from .runs import Input, Stage, barrier, content_hash, dist_context, read_done, register
 from .shards import PackedDataset, build_token_file
 from .tinyworld import DATA
-from .tokenizer import TOKENIZER, MiniMindTokenizer
+from .tokenizer import TOKENIZER, MiniMindTokenizer, tokenizer_problem
 
 # %% ../nbs/04c_pretrain.ipynb #48c177b8
 PRETRAIN_STEPS = 240  # default budget without --steps or --epochs: 490k tokens (0.8 epoch), about a quiet CPU minute for `tiny`
@@ -90,6 +92,7 @@ def check_pretrain(args:argparse.Namespace, # the stage's flags, as parsed
 # %% ../nbs/04c_pretrain.ipynb #43d5382c
 PRETRAIN = register(Stage("pretrain", "pretrain a model from scratch on packed text (the training engine; distributed under torchrun)",
                           add_pretrain_args, run_pretrain, distributed=True, writes=("model",), check=check_pretrain,
-                          reads=(Input("data", DATA, "pretrain.jsonl", many=True),
-                                 Input("val_data", DATA, "pretrain_val.jsonl", unless="data"), Input("tokenizer", TOKENIZER)),
+                          reads=(Input("data", DATA, "pretrain.jsonl", many=True, check=partial(jsonl_problem, kind="pretrain")),
+                                 Input("val_data", DATA, "pretrain_val.jsonl", unless="data", check=partial(jsonl_problem, kind="pretrain")),
+                                 Input("tokenizer", TOKENIZER, check=tokenizer_problem)),
                           quick=("--preset", "micro", "--steps", "40", "--seq-len", "128", "--eval-every", "20", "--eval-batches", "2")))

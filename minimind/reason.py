@@ -22,11 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ANSWER, END_ANSWER, END_THINK, TAGS, THINK, DataError, read_jsonl
+from .data import ANSWER, END_ANSWER, END_THINK, TAGS, THINK, DataError, jsonl_problem, read_jsonl
 from .dpo import DPO
 from .engine import Trainer, add_engine_args, engine_config
 from .generate import generate, left_pad
-from .hub import load_model
+from .hub import load_model, model_problem
 from .runs import Input, Stage, dist_context, register
 from .sft import TOO_LONG, SFTDataset, prompt_ids, sft_collate
 from .tinyworld import DATA
@@ -271,6 +271,6 @@ def run_reason(args:argparse.Namespace, # the `reason` stage's flags, inputs res
     return numbers
 
 REASON = register(Stage("reason", "R1-style reasoning distillation: think, then answer", add_reason_args, run_reason,
-                        reads=(Input("init", DPO, "model"), Input("data", DATA, "reason.jsonl", many=True),
-                               Input("val_data", DATA, "reason_val.jsonl", unless="data")),
+                        reads=(Input("init", DPO, "model", check=model_problem), Input("data", DATA, "reason.jsonl", many=True, check=partial(jsonl_problem, kind="reason")),
+                               Input("val_data", DATA, "reason_val.jsonl", unless="data", check=partial(jsonl_problem, kind="reason"))),
                         writes=("model",), distributed=True, quick=REASON_QUICK_ARGS))

@@ -269,7 +269,8 @@ def check_args(stage:Stage, # the stage about to run
         for p in (given if isinstance(given, list) else [given] if given else []):
             flag = "--" + inp.flag.replace("_", "-")
             if not Path(p).exists(): raise RunError(f"{flag} {p}: no such file or folder")
-            if inp.check and (why := inp.check(Path(p))): raise RunError(f"{flag} {p}: {why}")
+            if inp.check and (why := inp.check(Path(p))):  # (a `file:line: what` message names the file already)
+                raise RunError(f"{flag} {why}" if why.startswith(str(p)) else f"{flag} {p}: {why}")
     if stage.check and (why := stage.check(args)): raise RunError(why)
 
 # %% ../nbs/89_runs.ipynb #7d800ffe

@@ -14,6 +14,7 @@ __all__ = ['ASSISTANT_HEADER', 'IGNORE', 'TOO_LONG', 'SFT_STEPS', 'SFT', 'assist
 import argparse
 import re
 import warnings
+from functools import partial
 from itertools import chain
 from pathlib import Path
 
@@ -22,10 +23,10 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import Dataset
 
-from .data import DataError, read_jsonl, validate_record
+from .data import DataError, jsonl_problem, read_jsonl, validate_record
 from .engine import Trainer, add_engine_args, causal_lm_loss, engine_config
 from .generate import generate_text
-from .hub import load_model
+from .hub import load_model, model_problem
 from .pretrain import PRETRAIN
 from .runs import Input, Stage, dist_context, register
 from .tinyworld import ASSISTANT_NAME, DATA, IDENTITY_A, IDENTITY_Q
@@ -356,7 +357,7 @@ def run_sft(args:argparse.Namespace, # the `sft` stage's flags, inputs resolved
     return numbers
 
 SFT = register(Stage("sft", "supervised fine-tuning on conversations (loss on assistant replies only)", add_sft_args, run_sft,
-                     reads=(Input("init", PRETRAIN, "model"), Input("data", DATA, "sft.jsonl", many=True),
-                            Input("val_data", DATA, "sft_val.jsonl", unless="data")), writes=("model",), distributed=True,
+                     reads=(Input("init", PRETRAIN, "model", check=model_problem), Input("data", DATA, "sft.jsonl", many=True, check=partial(jsonl_problem, kind="sft")),
+                            Input("val_data", DATA, "sft_val.jsonl", unless="data", check=partial(jsonl_problem, kind="sft"))), writes=("model",), distributed=True,
                      quick=("--steps", "8", "--micro-batch", "4", "--lr", "1e-3", "--eval-every", "4", "--eval-batches", "2",
                             "--eval-graded", "16", "--max-new-tokens", "24")))

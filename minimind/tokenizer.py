@@ -7,8 +7,8 @@ Docs: https://minimind-book.github.io/minimind/tokenizer.html.md"""
 # %% auto #0
 __all__ = ['PAD', 'BOS', 'EOS', 'SPECIAL_TOKENS', 'RESERVED_TOKENS', 'N_BYTES', 'DEFAULT_SYSTEM_PROMPT', 'CHAT_TEMPLATE', 'ROLES',
            'TOKENIZER_TRAIN_FILES', 'TOKENIZER', 'byte_level_bpe', 'check_messages', 'render_chat_template',
-           'MiniMindTokenizer', 'train_tokenizer', 'texts_from_jsonl', 'tinyworld_tokenizer', 'add_tokenizer_args',
-           'run_tokenizer']
+           'MiniMindTokenizer', 'train_tokenizer', 'texts_from_jsonl', 'tokenizer_problem', 'tinyworld_tokenizer',
+           'add_tokenizer_args', 'run_tokenizer']
 
 # %% ../nbs/01_tokenizer.ipynb #5ccd7a6b
 import argparse
@@ -25,7 +25,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .data import TAGS, atomic_dir, cache_dir, read_jsonl, sniff_kind
+from .data import TAGS, atomic_dir, cache_dir, jsonl_problem, read_jsonl, sniff_kind
 from .runs import Input, Stage, code_hash, register
 from .tinyworld import DATA, tinyworld
 
@@ -246,6 +246,11 @@ def texts_from_jsonl(paths:str|Path|Iterable, # one JSONL file or several
 # %% ../nbs/01_tokenizer.ipynb #507d779a
 TOKENIZER_TRAIN_FILES = ("pretrain.jsonl", "sft.jsonl", "reason.jsonl")  # TinyWorld files the tokenizer learns from
 
+def tokenizer_problem(path:Path, # a folder given as a tokenizer
+                     )->str|None: # what is missing, or None
+    "What keeps `path` from being a tokenizer folder (the `tokenizer.json` that `MiniMindTokenizer.load` reads)."
+    return None if (Path(path)/"tokenizer.json").is_file() else "not a tokenizer folder: no tokenizer.json"
+
 def tinyworld_tokenizer(small:bool=False, # the small test tokenizer (vocab 1024, a tenth of TinyWorld)
                        )->Path: # the tokenizer's folder
     "The folder of the TinyWorld tokenizer trained as in this chapter (cached; trained on first use)."
@@ -277,5 +282,5 @@ def run_tokenizer(args:argparse.Namespace, # the `tokenizer` stage's flags, inpu
     return {"vocab": len(tok)}
 
 TOKENIZER = register(Stage("tokenizer", "train the byte-level BPE tokenizer (Hugging Face format)", add_tokenizer_args,
-                           run_tokenizer, reads=(Input("data", DATA, TOKENIZER_TRAIN_FILES, many=True),),
+                           run_tokenizer, reads=(Input("data", DATA, TOKENIZER_TRAIN_FILES, many=True, check=jsonl_problem),),
                            writes=("tokenizer.json", "tokenizer_config.json"), quick=("--vocab-size", "1024")))
