@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .generate import _held_back, stream
+from .data import ANSWER, END_ANSWER, END_THINK, THINK
+from .generate import held_back, stream
 from .hub import WEIGHT_FILES, load_model
 from .model import MiniMindForCausalLM
 from .tokenizer import MiniMindTokenizer
@@ -93,7 +94,7 @@ def load_chat_model(spec:str|Path, # a model folder, stage folder, run folder or
     return ChatModel(model, tok, path, stage)
 
 # %% ../nbs/10_chat.ipynb #a3d1786f
-THINK_TAGS = {"<think>": "reasoning", "</think>": "content", "<answer>": "content", "</answer>": "content"} # tag -> channel after it
+THINK_TAGS = {THINK: "reasoning", END_THINK: "content", ANSWER: "content", END_ANSWER: "content"} # tag -> channel after it
 
 class ThinkSplitter:
     "Split a streamed reply that starts with `<think>` into `reasoning` and `content`, dropping the tags."
@@ -106,8 +107,8 @@ class ThinkSplitter:
         "Add a piece of the reply; return what can be shown now."
         self.buf += text
         if self.mode == "start":  # wait until the reply shows whether it starts with <think>
-            if "<think>".startswith(self.buf): return []
-            self.mode = "split" if self.buf.startswith("<think>") else "plain"
+            if THINK.startswith(self.buf): return []
+            self.mode = "split" if self.buf.startswith(THINK) else "plain"
         if self.mode == "plain":
             out, self.buf = [("content", self.buf)], ""
             return out
@@ -118,7 +119,7 @@ class ThinkSplitter:
             i, tag = min(hits)
             self._emit(out, self.buf[:i].removesuffix("\n"))  # the newline before a tag belongs to the tag
             self.buf, self.channel, self.after_tag = self.buf[i + len(tag):], THINK_TAGS[tag], True
-        keep = _held_back(self.buf, self.holds)
+        keep = held_back(self.buf, self.holds)
         self._emit(out, self.buf[:len(self.buf) - keep])
         self.buf = self.buf[len(self.buf) - keep:]
         return out

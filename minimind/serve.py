@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ChatModel, ThinkSplitter, add_model_args, load_from_args, split_think
-from .generate import IncrementalDecoder, _held_back, generate_tokens
+from .generate import IncrementalDecoder, StopFilter, generate_tokens
 from .model import fused_projections
 from .tokenizer import BOS, EOS, PAD
 
@@ -184,20 +184,16 @@ def completion_pieces(model, # the model (eval mode)
     "Generate one completion, one token per step, yielding the text each token completes."
     r, stop_ids = job.request, sorted({model.config.eos_token_id, tokenizer.eos_id})
     ids = torch.tensor([r.prompt_ids], device=model.lm_head.weight.device)
-    dec, pending, job.finish_reason = IncrementalDecoder(tokenizer), "", "length"
+    dec, cut, job.finish_reason = IncrementalDecoder(tokenizer), StopFilter(r.stop), "length"
     for tok in generate_tokens(model, ids, None, r.max_tokens, stop_ids=stop_ids, seed=r.seed, **r.sampling):
         t = int(tok[0]); job.completion_tokens += 1
         if t in stop_ids: job.finish_reason = "stop"; break
-        pending += dec.push(t)
-        hits = [i for i in (pending.find(s) for s in r.stop) if i >= 0]
-        if hits: job.finish_reason = "stop"; yield pending[:min(hits)]; return
-        keep = _held_back(pending, r.stop)
-        yield pending[:len(pending) - keep]
-        pending = pending[len(pending) - keep:]
-    pending += dec.flush()
-    hits = [i for i in (pending.find(s) for s in r.stop) if i >= 0]
-    if hits: job.finish_reason, pending = "stop", pending[:min(hits)]
-    yield pending
+        piece = cut.push(dec.push(t))
+        if cut.stopped: job.finish_reason = "stop"; yield piece; return
+        yield piece
+    piece = cut.push(dec.flush()) + cut.flush()
+    if cut.stopped: job.finish_reason = "stop"
+    yield piece
 
 # %% ../nbs/11_serve.ipynb #e60a7e41
 class Engine:
