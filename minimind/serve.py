@@ -7,8 +7,8 @@ Docs: https://minimind-book.github.io/minimind/serve.html.md"""
 
 # %% auto #0
 __all__ = ['FIELDS', 'ROLES', 'RESERVED', 'CHAT_PAGE', 'APIError', 'Limits', 'ChatRequest', 'parse_chat_request', 'Job',
-           'completion_pieces', 'Engine', 'sse', 'EventStream', 'stream_events', 'complete', 'read_body', 'make_app',
-           'BackgroundServer', 'build_parser', 'main']
+           'completion_pieces', 'RoundRobinScheduler', 'sse', 'EventStream', 'stream_events', 'complete', 'read_body',
+           'make_app', 'BackgroundServer', 'build_parser', 'main']
 
 # %% ../nbs/11_serve.ipynb #5d19f760
 import argparse
@@ -60,7 +60,7 @@ class Limits:
 
 @dataclass
 class ChatRequest:
-    "A valid chat-completion request, ready for the engine."
+    "A valid chat-completion request, ready for the scheduler."
     model: str # the served model's name
     messages: list[dict] # [{"role", "content"}] with string contents
     prompt_ids: list[int] # the chat-template tokens, ending with the assistant header
@@ -170,9 +170,9 @@ def parse_chat_request(body:bytes, # the raw request body
 # %% ../nbs/11_serve.ipynb #50a4b729
 @dataclass
 class Job:
-    "One request inside the engine."
+    "One request inside the scheduler."
     request: ChatRequest # what to generate
-    emit: Callable[[tuple], None] # called on the engine thread: ("delta", text), ("done",) or ("error", message)
+    emit: Callable[[tuple], None] # called on the scheduler thread: ("delta", text), ("done",) or ("error", message)
     cancelled: threading.Event = field(default_factory=threading.Event) # set when the client has gone away
     finish_reason: str|None = None # "stop" or "length" when done, "cancelled" when dropped
     completion_tokens: int = 0 # tokens generated (the stop token included)
@@ -196,9 +196,9 @@ def completion_pieces(model, # the model (eval mode)
     yield piece
 
 # %% ../nbs/11_serve.ipynb #e60a7e41
-class Engine:
+class RoundRobinScheduler:
     "The thread that owns the model: takes jobs from a bounded queue, advances every active job one token per round."
-    def __init__(self, model, # the model (eval mode); nothing else may generate with it while the engine runs
+    def __init__(self, model, # the model (eval mode); nothing else may generate with it while the scheduler runs
                  tokenizer, # its tokenizer
                  max_active:int=16, # jobs generating at once (each holds a KV cache)
                  max_queue:int=64, # jobs waiting beyond those; more are refused (503)
@@ -208,10 +208,10 @@ class Engine:
         self.stats = dict(finished=0, cancelled=0, failed=0, tokens=0, active=0)
         self._stop, self._thread = threading.Event(), None
 
-    def start(self)->"Engine":
-        "Start the engine thread."
+    def start(self)->"RoundRobinScheduler":
+        "Start the scheduler thread."
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="minimind-scheduler", daemon=True)
         self._thread.start()
         return self
 
@@ -293,7 +293,7 @@ def _usage(r:ChatRequest, job:Job)->dict:
             "total_tokens": len(r.prompt_ids) + job.completion_tokens}
 
 async def stream_events(job:Job, # the submitted job
-                        events:asyncio.Queue, # where the engine's events arrive
+                        events:asyncio.Queue, # where the scheduler's events arrive
                         name:str, # the served model's name
                        ):
     "The server-sent events of one streamed completion."
@@ -350,16 +350,16 @@ def make_app(cm:ChatModel, # the model to serve (see `minimind.chat.load_chat_mo
     "The OpenAI-compatible app: `/v1/chat/completions`, `/v1/models`, `/health` and the chat page at `/`."
     name = name or cm.name
     limits = limits or Limits(context=cm.model.config.max_position_embeddings)
-    engine = Engine(cm.model, cm.tokenizer, max_active, max_queue)
+    scheduler = RoundRobinScheduler(cm.model, cm.tokenizer, max_active, max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        scheduler.start()
         yield
-        engine.close()
+        scheduler.close()
 
     app = FastAPI(title="minimind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.limits, app.state.name = engine, limits, name
+    app.state.scheduler, app.state.limits, app.state.name = scheduler, limits, name
 
     @app.exception_handler(APIError)
     async def api_error(request, e:APIError): return JSONResponse(e.body(), status_code=e.status)
@@ -376,7 +376,7 @@ def make_app(cm:ChatModel, # the model to serve (see `minimind.chat.load_chat_mo
     async def page(): return CHAT_PAGE
 
     @app.get("/health")
-    async def health(): return {"status": "ok", "model": name, "queued": engine.queue.qsize(), **engine.stats}
+    async def health(): return {"status": "ok", "model": name, "queued": scheduler.queue.qsize(), **scheduler.stats}
 
     @app.get("/v1/models")
     async def models(request:Request):
@@ -389,7 +389,7 @@ def make_app(cm:ChatModel, # the model to serve (see `minimind.chat.load_chat_mo
         r = parse_chat_request(await read_body(request, limits.max_body_bytes), cm.tokenizer, name, limits)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(r, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        engine.submit(job)
+        scheduler.submit(job)
         if r.stream: return EventStream(stream_events(job, events, name), on_close=job.cancelled.set)
         try: return await complete(job, events, name, request)
         except asyncio.CancelledError: job.cancelled.set(); raise

@@ -19,7 +19,8 @@ import torch
 from minimind.chat import ChatModel, load_chat_model
 from minimind.generate import generate_text
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
-from minimind.serve import APIError, BackgroundServer, Engine, Job, Limits, build_parser, make_app, parse_chat_request
+from minimind.serve import (APIError, BackgroundServer, Job, Limits, RoundRobinScheduler, build_parser, make_app,
+                            parse_chat_request)
 from minimind.tokenizer import MiniMindTokenizer, tinyworld_tokenizer
 from minimind.train import ensure_stage
 
@@ -125,7 +126,7 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(server):
         async with httpx.AsyncClient(timeout=300) as ac:
             return await asyncio.gather(*(_stream(ac, f"{srv.url}/v1/chat/completions", b) for b in bodies))
     got = asyncio.run(main())
-    assert app.state.engine.stats["finished"] >= 16
+    assert app.state.scheduler.stats["finished"] >= 16
     for (text, finish, done), b in zip(got, bodies):
         want = generate_text(cm.model, cm.tokenizer, [b["messages"]], b["max_tokens"], temperature=0.9, top_p=0.95, seed=b["seed"])[0]
         assert text == want and done and finish in ("stop", "length")
@@ -142,7 +143,7 @@ def test_round_robin_serves_requests_side_by_side(random_server):
         httpx.post(url, json=chat(cm, "hello", max_tokens=n, temperature=0), timeout=120)
         order.append(name)
     long = threading.Thread(target=go, args=("long", 450)); long.start()
-    wait_for(lambda: app.state.engine.stats["active"] >= 1)
+    wait_for(lambda: app.state.scheduler.stats["active"] >= 1)
     go("short", 5)
     long.join()
     assert order == ["short", "long"]
@@ -155,7 +156,7 @@ def test_client_disconnect_stops_generation(random_server):
     body = chat(cm, "hello", max_tokens=450, temperature=0, stream=True)
     want = generate_text(cm.model, cm.tokenizer, [body["messages"]], 450, temperature=0)[0]
     assert len(cm.tokenizer.encode(want)) >= 400  # the reply would run to max_tokens
-    stats = app.state.engine.stats
+    stats = app.state.scheduler.stats
     before = dict(stats)
     with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -232,10 +233,10 @@ def test_validation_is_a_pure_function(trained):
 
 
 def test_full_queue_is_refused_with_503(trained):
-    engine = Engine(trained.model, trained.tokenizer, max_active=1, max_queue=2)  # not started: nothing is taken
+    scheduler = RoundRobinScheduler(trained.model, trained.tokenizer, max_active=1, max_queue=2)  # not started: nothing is taken
     r = parse_chat_request(json.dumps(chat(trained, "hi")).encode(), trained.tokenizer, trained.name, Limits(context=512))
-    for _ in range(2): engine.submit(Job(r, emit=lambda ev: None))
-    with pytest.raises(APIError) as e: engine.submit(Job(r, emit=lambda ev: None))
+    for _ in range(2): scheduler.submit(Job(r, emit=lambda ev: None))
+    with pytest.raises(APIError) as e: scheduler.submit(Job(r, emit=lambda ev: None))
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "server_overloaded"
 
 
