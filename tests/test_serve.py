@@ -255,7 +255,19 @@ def test_command_line_reports_a_bad_model(tmp_path):
     assert out.returncode == 1 and "no such file or folder" in out.stderr
 
 
-# ---- the chat page in a real browser -------------------------------------------------------------------------
+# ---- the chat page -------------------------------------------------------------------------------------------
+
+def test_chat_page_and_its_files_are_served_from_the_package(random_server):
+    "The page, its stylesheet and its script come from minimind/static (package data), under the URLs the page uses."
+    srv, app, cm = random_server
+    page = httpx.get(f"{srv.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for name, kind in [("chat.css", "text/css"), ("chat.js", "javascript")]:
+        assert f'"static/{name}"' in page.text
+        r = httpx.get(f"{srv.url}/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"] and len(r.text) > 100
+    assert httpx.get(f"{srv.url}/static/nothing.js").json()["error"]["message"] == "Not Found"
+
 
 class Chromium:
     "Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4), so no websocket library is needed."
