@@ -122,6 +122,31 @@ def left_pad(seqs:list[list[int]], # token ids of each prompt
 # %% ../nbs/02b_generate.ipynb #d60790ee
 FUSE_MAX_BATCH = 4  # fuse q|k|v and gate|up up to this batch (at any batch with oneDNN's products): chapter 02d
 
+def _padded_positions(attention_mask:torch.Tensor, # (B, T) 1 = real, 0 = left padding
+                      n_new:int, # positions to make room for
+                     )->tuple[torch.Tensor, torch.Tensor]: # mask (B, T + n_new), positions (B, T) of the prompt
+    "The attention mask allocated once at full length (sliced each step), and the positions counting real tokens."
+    B, T = attention_mask.shape
+    mask = attention_mask.new_ones(B, T + n_new, dtype=torch.long)
+    mask[:, :T] = attention_mask
+    return mask, (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+def _seen_tokens(input_ids:torch.Tensor, # (B, T) prompt ids
+                 attention_mask:torch.Tensor|None, # (B, T) 1 = real, 0 = left padding; None = all real
+                 vocab_size:int, # V
+                )->torch.Tensor: # (B, V) bool, True = the token is in the row's prompt
+    "Which tokens each prompt holds (padding left out), for the repetition penalty."
+    real = torch.ones(input_ids.shape, device=input_ids.device) if attention_mask is None else attention_mask.float()
+    return torch.zeros(input_ids.shape[0], vocab_size, device=input_ids.device).scatter_add_(1, input_ids, real) > 0
+
+def _decode_fusion(model:MiniMindForCausalLM, # the model
+                   input_ids:torch.Tensor, # (B, T) the prompts: their batch size and device decide
+                  ): # a context manager
+    "Fuse q|k|v and gate|up into one product each while decoding, where chapter 02d measured that it pays."
+    onednn = minimind.model.ONEDNN_FP32 and input_ids.device.type == "cpu"
+    return fused_projections(model) if input_ids.shape[0] <= FUSE_MAX_BATCH or onednn else nullcontext()
+
+# %% ../nbs/02b_generate.ipynb #7489c9e9
 @torch.inference_mode()
 def generate_tokens(model:MiniMindForCausalLM, # the model (eval mode)
                     input_ids:torch.Tensor, # (B, T) prompt ids, left-padded if lengths differ
@@ -146,19 +171,10 @@ def generate_tokens(model:MiniMindForCausalLM, # the model (eval mode)
     pad_id = c.pad_token_id if pad_id is None else pad_id
     if seed is not None: generator = torch.Generator(dev).manual_seed(seed)
     padded = attention_mask is not None and not bool(attention_mask.all())
-    mask = pos = None
-    if padded:
-        mask = torch.ones(B, T + n_new, dtype=torch.long, device=dev)   # grows by slicing, never reallocated
-        mask[:, :T] = attention_mask
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)        # (B, T) positions of real tokens
-    seen = None
-    if repetition_penalty != 1.0:
-        real = attention_mask.float() if padded else torch.ones(B, T, device=dev)
-        seen = torch.zeros(B, c.vocab_size, device=dev).scatter_add_(1, input_ids, real) > 0
+    mask, pos = _padded_positions(attention_mask, n_new) if padded else (None, None)
+    seen = _seen_tokens(input_ids, attention_mask, c.vocab_size) if repetition_penalty != 1.0 else None
     cache = KVCache.for_model(model, B, T + n_new)
-    onednn = minimind.model.ONEDNN_FP32 and dev.type == "cpu"
-    fuse = fused_projections(model) if B <= FUSE_MAX_BATCH or onednn else nullcontext()  # q|k|v, gate|up: one product each
-    with fuse:
+    with _decode_fusion(model, input_ids):
         logits = decode_step(model, input_ids, cache, pos, mask[:, :T] if padded else None)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         for step in range(n_new):

@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from fastcore.basics import patch
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ChatModel, ThinkSplitter, add_model_args, load_from_args, split_think
@@ -91,6 +92,7 @@ def _num(obj:dict, key:str, default, lo:float, hi:float, integer:bool=False, lo_
         raise APIError(400, f"{key} must be {kind} {rng}, got {json.dumps(v)[:40]}", key)
     return v
 
+# %% ../nbs/11_serve.ipynb #2cb1cfe9
 def _content(m:dict, i:int)->str:
     "A message's text: a string, or OpenAI's list of text parts."
     c = m.get("content")
@@ -124,7 +126,25 @@ def _stop(v, limits:Limits)->list[str]:
         raise APIError(400, f"stop must be a non-empty string or an array of at most {limits.max_stop} of them", "stop")
     return stops
 
-# %% ../nbs/11_serve.ipynb #2cb1cfe9
+# %% ../nbs/11_serve.ipynb #7ced233c
+def _fit(messages:list[dict], # checked messages
+         max_tokens:int|None, # what the request asks for (None: not said)
+         key:str, # the field it came from ("max_tokens" or "max_completion_tokens")
+         tokenizer, # the served model's tokenizer
+         limits:Limits, # the context and the default
+        )->tuple[list[int], int]: # the prompt's token ids, and the new tokens to generate
+    "Tokenize the prompt and check that it, and the completion asked for, fit in the context."
+    try: ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except ValueError as e: raise APIError(400, str(e), "messages") from None
+    room = limits.context - len(ids)
+    if room < 1: raise APIError(400, f"the messages have {len(ids)} tokens; this model's context is {limits.context} "
+                                     "positions for prompt and completion together", "messages", "context_length_exceeded")
+    if max_tokens is None: return ids, min(limits.default_max_tokens, room)
+    if max_tokens > room: raise APIError(400, f"the messages have {len(ids)} tokens, so at most {room} more fit in this model's "
+                                         f"context of {limits.context}; {key} asks for {max_tokens}", key, "context_length_exceeded")
+    return ids, max_tokens
+
+# %% ../nbs/11_serve.ipynb #2685b745
 def parse_chat_request(body:bytes, # the raw request body
                        tokenizer, # the served model's tokenizer
                        model_name:str, # the served model's name
@@ -159,14 +179,7 @@ def parse_chat_request(body:bytes, # the raw request body
     key = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _num(obj, key, None, 1, limits.max_tokens, integer=True)
     stop = _stop(obj.get("stop"), limits)
-    try: ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except ValueError as e: raise APIError(400, str(e), "messages") from None
-    room = limits.context - len(ids)
-    if room < 1: raise APIError(400, f"the messages have {len(ids)} tokens; this model's context is {limits.context} "
-                                     "positions for prompt and completion together", "messages", "context_length_exceeded")
-    if max_tokens is None: max_tokens = min(limits.default_max_tokens, room)
-    elif max_tokens > room: raise APIError(400, f"the messages have {len(ids)} tokens, so at most {room} more fit in this model's "
-                                                f"context of {limits.context}; {key} asks for {max_tokens}", key, "context_length_exceeded")
+    ids, max_tokens = _fit(messages, max_tokens, key, tokenizer, limits)
     return ChatRequest(name, messages, ids, max_tokens, sampling, stop, seed, stream, stream and opts.get("include_usage", False))
 
 # %% ../nbs/11_serve.ipynb #50a4b729
@@ -232,35 +245,40 @@ class RoundRobinScheduler:
         try: job.emit(event); return True
         except RuntimeError: job.cancelled.set(); return False  # the client's event loop is gone
 
-    def _run(self):
-        while not self._stop.is_set():
-            try: first = self.queue.get(timeout=0.05)
-            except queue.Empty: continue
-            active = [(first, completion_pieces(self.model, self.tokenizer, first))]
-            with fused_projections(self.model):  # held for the whole busy period: every job decodes the same way
-                while active and not self._stop.is_set():
-                    while len(active) < self.max_active:  # admit waiting jobs between rounds
-                        try: job = self.queue.get_nowait()
-                        except queue.Empty: break
-                        active.append((job, completion_pieces(self.model, self.tokenizer, job)))
-                    self.stats["active"] = len(active)
-                    active = [a for a in active if self._step(*a)]
-            for job, it in active: it.close(); self._send(job, ("error", "the server is shutting down"))
-            self.stats["active"] = 0
+# %% ../nbs/11_serve.ipynb #16917fcc
+@patch
+def _run(self:RoundRobinScheduler):
+    while not self._stop.is_set():
+        try: first = self.queue.get(timeout=0.05)
+        except queue.Empty: continue
+        active = [(first, completion_pieces(self.model, self.tokenizer, first))]
+        with fused_projections(self.model):  # held for the whole busy period: every job decodes the same way
+            while active and not self._stop.is_set():
+                while len(active) < self.max_active:  # admit waiting jobs between rounds
+                    try: job = self.queue.get_nowait()
+                    except queue.Empty: break
+                    active.append((job, completion_pieces(self.model, self.tokenizer, job)))
+                self.stats["active"] = len(active)
+                active = [a for a in active if self._step(*a)]
+        for job, it in active: it.close(); self._send(job, ("error", "the server is shutting down"))
+        self.stats["active"] = 0
 
-    def _step(self, job:Job, it:Iterator[str])->bool: # keep the job?
-        "Advance one job by one token."
-        if job.cancelled.is_set():
-            it.close(); job.finish_reason = "cancelled"; self.stats["cancelled"] += 1
-            return False
-        try: piece = next(it)
-        except StopIteration:
-            self.stats["finished"] += 1; self.stats["tokens"] += job.completion_tokens
-            self._send(job, ("done",)); return False
-        except Exception as e:  # a bug or an out-of-memory: this job fails, the server goes on
-            self.stats["failed"] += 1
-            self._send(job, ("error", f"generation failed: {type(e).__name__}: {e}")); return False
-        return self._send(job, ("delta", piece)) if piece else True
+@patch
+def _step(self:RoundRobinScheduler, job:Job, # the job
+          it:Iterator[str], # its `completion_pieces`
+         )->bool: # keep the job?
+    "Advance one job by one token."
+    if job.cancelled.is_set():
+        it.close(); job.finish_reason = "cancelled"; self.stats["cancelled"] += 1
+        return False
+    try: piece = next(it)
+    except StopIteration:
+        self.stats["finished"] += 1; self.stats["tokens"] += job.completion_tokens
+        self._send(job, ("done",)); return False
+    except Exception as e:  # a bug or an out-of-memory: this job fails, the server goes on
+        self.stats["failed"] += 1
+        self._send(job, ("error", f"generation failed: {type(e).__name__}: {e}")); return False
+    return self._send(job, ("delta", piece)) if piece else True
 
 # %% ../nbs/11_serve.ipynb #d87d2051
 def sse(obj)->str: return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n" # one server-sent event
@@ -314,6 +332,7 @@ async def stream_events(job:Job, # the submitted job
             break
     yield "data: [DONE]\n\n"
 
+# %% ../nbs/11_serve.ipynb #be1e13e7
 async def complete(job:Job, events:asyncio.Queue, name:str, request:Request)->dict:
     "The whole reply of a non-streamed completion (the job is cancelled if the client disconnects while waiting)."
     text, get = "", None
@@ -334,7 +353,9 @@ async def complete(job:Job, events:asyncio.Queue, name:str, request:Request)->di
             "usage": _usage(job.request, job)}
 
 # %% ../nbs/11_serve.ipynb #eaaf087a
-async def read_body(request:Request, limit:int)->bytes:
+async def read_body(request:Request, # the incoming request
+                    limit:int, # most bytes accepted
+                   )->bytes: # the whole body
     "The request body, refused with 413 as soon as it passes `limit` bytes."
     body = b""
     async for chunk in request.stream():
@@ -342,27 +363,8 @@ async def read_body(request:Request, limit:int)->bytes:
         if len(body) > limit: raise APIError(413, f"the request body is larger than {limit} bytes")
     return body
 
-def make_app(cm:ChatModel, # the model to serve (see `minimind.chat.load_chat_model`)
-             name:str|None=None, # the model's name in the API (default: `cm.name`)
-             limits:Limits|None=None, # request limits (default: the model's context and the defaults)
-             max_active:int=16, # jobs generating at once
-             max_queue:int=64, # jobs waiting; more get 503
-             api_key:str|None=None, # if set, requests need `Authorization: Bearer <api_key>`
-            )->FastAPI:
-    "The OpenAI-compatible app: `/v1/chat/completions`, `/v1/models`, `/health` and the chat page at `/`."
-    name = name or cm.name
-    limits = limits or Limits(context=cm.model.config.max_position_embeddings)
-    scheduler = RoundRobinScheduler(cm.model, cm.tokenizer, max_active, max_queue)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
-        yield
-        scheduler.close()
-
-    app = FastAPI(title="minimind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler, app.state.limits, app.state.name = scheduler, limits, name
-
+def _openai_errors(app:FastAPI):
+    "Answer every error in OpenAI's shape: ours (`APIError`) and the framework's (404, 405, ...)."
     @app.exception_handler(APIError)
     async def api_error(request, e:APIError): return JSONResponse(e.body(), status_code=e.status)
 
@@ -370,11 +372,16 @@ def make_app(cm:ChatModel, # the model to serve (see `minimind.chat.load_chat_mo
     async def http_error(request, e):
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
+# %% ../nbs/11_serve.ipynb #dc25b7e9
+def _api_routes(app:FastAPI, # with `state.scheduler`, `state.limits` and `state.name` set
+                tokenizer, # the served model's tokenizer
+                api_key:str|None, # if set, API requests need `Authorization: Bearer <api_key>`
+               ):
+    "Add `/health`, `/v1/models` and `/v1/chat/completions`."
+    scheduler, limits, name = app.state.scheduler, app.state.limits, app.state.name
     def check_key(request:Request):
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
-
-    _chat_page(app)
 
     @app.get("/health")
     async def health(): return {"status": "ok", "model": name, "queued": scheduler.queue.qsize(), **scheduler.stats}
@@ -387,15 +394,13 @@ def make_app(cm:ChatModel, # the model to serve (see `minimind.chat.load_chat_mo
     @app.post("/v1/chat/completions")
     async def chat_completions(request:Request):
         check_key(request)
-        r = parse_chat_request(await read_body(request, limits.max_body_bytes), cm.tokenizer, name, limits)
+        r = parse_chat_request(await read_body(request, limits.max_body_bytes), tokenizer, name, limits)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(r, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         scheduler.submit(job)
         if r.stream: return EventStream(stream_events(job, events, name), on_close=job.cancelled.set)
         try: return await complete(job, events, name, request)
         except asyncio.CancelledError: job.cancelled.set(); raise
-
-    return app
 
 # %% ../nbs/11_serve.ipynb #48476a9c
 STATIC = files("minimind")/"static"  # the chat page's files (package data)
@@ -406,6 +411,31 @@ def _chat_page(app:FastAPI):
 
     @app.get("/", include_in_schema=False)
     async def page(): return FileResponse(STATIC/"chat.html")
+
+# %% ../nbs/11_serve.ipynb #7ceda31b
+def make_app(cm:ChatModel, # the model to serve (see `minimind.chat.load_chat_model`)
+             name:str|None=None, # the model's name in the API (default: `cm.name`)
+             limits:Limits|None=None, # request limits (default: the model's context and the defaults)
+             max_active:int=16, # jobs generating at once
+             max_queue:int=64, # jobs waiting; more get 503
+             api_key:str|None=None, # if set, requests need `Authorization: Bearer <api_key>`
+            )->FastAPI:
+    "The OpenAI-compatible app: `/v1/chat/completions`, `/v1/models`, `/health` and the chat page at `/`."
+    scheduler = RoundRobinScheduler(cm.model, cm.tokenizer, max_active, max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="minimind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.name = scheduler, name or cm.name
+    app.state.limits = limits or Limits(context=cm.model.config.max_position_embeddings)
+    _openai_errors(app)
+    _api_routes(app, cm.tokenizer, api_key)
+    _chat_page(app)
+    return app
 
 # %% ../nbs/11_serve.ipynb #9ae09661
 class BackgroundServer:
@@ -459,8 +489,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
         )->None:
     "Entry point of `python -m minimind.serve`."
     args = build_parser().parse_args(argv)
-    try: cm = load_from_args(args)
-    except (FileNotFoundError, ValueError) as e: sys.exit(f"error: {e}")
+    cm = load_from_args(args)
     context = min(args.context or cm.model.config.max_position_embeddings, cm.model.config.max_position_embeddings)
     limits = Limits(context, args.max_tokens, args.default_max_tokens)
     app = make_app(cm, args.name, limits, args.max_active, args.max_queue, args.api_key)
