@@ -13,15 +13,16 @@ __all__ = ['MAIN_LINE', 'STAGE_NAMES', 'THINK_TAGS', 'DIM', 'RESET', 'resolve_mo
 # %% ../nbs/10_chat.ipynb #4a05abd7
 import argparse
 import html
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fastcore.basics import patch
 
-from .generate import _held_back, stream
+from .data import ANSWER, END_ANSWER, END_THINK, THINK
+from .generate import held_back, stream
 from .hub import WEIGHT_FILES, load_model
 from .model import MiniMindForCausalLM
 from .tokenizer import MiniMindTokenizer
@@ -73,6 +74,7 @@ def pick_dtype(dtype:str, # "auto", "fp32", "bf16" or "fp16"
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
+# %% ../nbs/10_chat.ipynb #9f169c17
 def load_chat_model(spec:str|Path, # a model folder, stage folder, run folder or upstream .pth
                     stage:str|None=None, # pick this stage of a run folder
                     preset:str|None=None, # the architecture of a .pth (default: inferred from the shapes)
@@ -93,7 +95,7 @@ def load_chat_model(spec:str|Path, # a model folder, stage folder, run folder or
     return ChatModel(model, tok, path, stage)
 
 # %% ../nbs/10_chat.ipynb #a3d1786f
-THINK_TAGS = {"<think>": "reasoning", "</think>": "content", "<answer>": "content", "</answer>": "content"} # tag -> channel after it
+THINK_TAGS = {THINK: "reasoning", END_THINK: "content", ANSWER: "content", END_ANSWER: "content"} # tag -> channel after it
 
 class ThinkSplitter:
     "Split a streamed reply that starts with `<think>` into `reasoning` and `content`, dropping the tags."
@@ -106,8 +108,8 @@ class ThinkSplitter:
         "Add a piece of the reply; return what can be shown now."
         self.buf += text
         if self.mode == "start":  # wait until the reply shows whether it starts with <think>
-            if "<think>".startswith(self.buf): return []
-            self.mode = "split" if self.buf.startswith("<think>") else "plain"
+            if THINK.startswith(self.buf): return []
+            self.mode = "split" if self.buf.startswith(THINK) else "plain"
         if self.mode == "plain":
             out, self.buf = [("content", self.buf)], ""
             return out
@@ -118,22 +120,27 @@ class ThinkSplitter:
             i, tag = min(hits)
             self._emit(out, self.buf[:i].removesuffix("\n"))  # the newline before a tag belongs to the tag
             self.buf, self.channel, self.after_tag = self.buf[i + len(tag):], THINK_TAGS[tag], True
-        keep = _held_back(self.buf, self.holds)
+        keep = held_back(self.buf, self.holds)
         self._emit(out, self.buf[:len(self.buf) - keep])
         self.buf = self.buf[len(self.buf) - keep:]
         return out
 
-    def flush(self)->list[tuple[str, str]]: # the rest, at the end of the reply
-        out, rest, self.buf = [], self.buf, ""
-        self._emit(out, rest)
-        return out
+# %% ../nbs/10_chat.ipynb #052fd8de
+@patch
+def _emit(self:ThinkSplitter, out:list, # the (channel, text) pieces so far; extended in place
+          text:str): # text of the current channel
+    if self.after_tag and text:  # and the newline after a tag too
+        text, self.after_tag = text.removeprefix("\n"), False
+    if not text: return
+    if out and out[-1][0] == self.channel: out[-1] = (self.channel, out[-1][1] + text)
+    else: out.append((self.channel, text))
 
-    def _emit(self, out:list, text:str):
-        if self.after_tag and text:  # and the newline after a tag too
-            text, self.after_tag = text.removeprefix("\n"), False
-        if not text: return
-        if out and out[-1][0] == self.channel: out[-1] = (self.channel, out[-1][1] + text)
-        else: out.append((self.channel, text))
+@patch
+def flush(self:ThinkSplitter)->list[tuple[str, str]]: # the rest, at the end of the reply
+    "Return what is still held back, at the end of the reply."
+    out, rest, self.buf = [], self.buf, ""
+    self._emit(out, rest)
+    return out
 
 def split_think(text:str, # a whole reply
                )->tuple[str, str]: # (reasoning, content)
@@ -183,28 +190,31 @@ class ChatSession:
             turns = turns[2:]; self.dropped += 1  # one user/assistant exchange
         return head + turns
 
-    def send(self, text:str, # the user's message
-            )->Iterator[tuple[str, str]]: # ("reasoning" or "content", text) pieces as they are generated
-        "Stream the reply to `text` and add the exchange to the history (also when stopped early)."
-        msgs = self.prompt(text)
-        parts, splitter = {"reasoning": "", "content": ""}, ThinkSplitter()
-        try:
-            for piece in stream(self.model, self.tokenizer, msgs, self.max_new_tokens, generator=self.generator, **self.sampling):
-                for ch, t in splitter.push(piece):
-                    parts[ch] += t
-                    yield ch, t
-            for ch, t in splitter.flush():
+# %% ../nbs/10_chat.ipynb #648f3194
+@patch
+def send(self:ChatSession, text:str, # the user's message
+        )->Iterator[tuple[str, str]]: # ("reasoning" or "content", text) pieces as they are generated
+    "Stream the reply to `text` and add the exchange to the history (also when stopped early)."
+    msgs = self.prompt(text)
+    parts, splitter = {"reasoning": "", "content": ""}, ThinkSplitter()
+    try:
+        for piece in stream(self.model, self.tokenizer, msgs, self.max_new_tokens, generator=self.generator, **self.sampling):
+            for ch, t in splitter.push(piece):
                 parts[ch] += t
                 yield ch, t
-        finally:  # a reply cut short by Ctrl-C or a closed widget still becomes part of the conversation
-            self.messages = msgs + [{"role": "assistant", "content": parts["content"]}]
-            self.last = parts
+        for ch, t in splitter.flush():
+            parts[ch] += t
+            yield ch, t
+    finally:  # a reply cut short by Ctrl-C or a closed widget still becomes part of the conversation
+        self.messages = msgs + [{"role": "assistant", "content": parts["content"]}]
+        self.last = parts
 
-    def ask(self, text:str, # the user's message
-           )->str: # the reply's answer (without the think trace)
-        "Send `text` and return the whole answer."
-        for _ in self.send(text): pass
-        return self.last["content"]
+@patch
+def ask(self:ChatSession, text:str, # the user's message
+       )->str: # the reply's answer (without the think trace)
+    "Send `text` and return the whole answer."
+    for _ in self.send(text): pass
+    return self.last["content"]
 
 # %% ../nbs/10_chat.ipynb #56ebdb20
 DIM, RESET = "\033[2m", "\033[0m"
@@ -268,10 +278,13 @@ def add_sampling_args(p:argparse.ArgumentParser):
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply")
     p.add_argument("--seed", type=int, default=None, help="makes the whole conversation reproducible")
 
-def load_from_args(args:argparse.Namespace)->ChatModel:
-    "The model the model flags name."
-    return load_chat_model(args.model, args.stage, args.preset, args.tokenizer, args.device, args.dtype)
+def load_from_args(args:argparse.Namespace, # parsed flags, including those of `add_model_args`
+                  )->ChatModel: # the model they name
+    "Load the model the model flags name; a model that cannot be found or loaded ends the program with one `error:` line."
+    try: return load_chat_model(args.model, args.stage, args.preset, args.tokenizer, args.device, args.dtype)
+    except (FileNotFoundError, ValueError) as e: sys.exit(f"error: {e}")
 
+# %% ../nbs/10_chat.ipynb #6cc971c2
 def build_parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minimind.chat", description="Chat with a MiniMind model in the terminal.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -287,8 +300,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
         )->None:
     "Entry point of `python -m minimind.chat`."
     args = build_parser().parse_args(argv)
-    try: cm = load_from_args(args)
-    except (FileNotFoundError, ValueError) as e: sys.exit(f"error: {e}")
+    cm = load_from_args(args)
     session = ChatSession(cm.model, cm.tokenizer, args.system, args.max_new_tokens, args.temperature, args.top_p,
                           args.top_k, args.repetition_penalty, args.seed, args.context)
     if args.prompt:
@@ -330,18 +342,21 @@ class ChatWidget:
             self._render()
         return turn["content"]
 
-    def _render(self):
-        rows = []
-        for t in self.turns:
-            rows.append(f"<div><b>you:</b> {html.escape(t['user'])}</div>")
-            trace = (f"<div style='color:#888;font-style:italic;white-space:pre-wrap'>{html.escape(t['reasoning'])}</div>"
-                     if t["reasoning"] and self.think.value else "")
-            rows.append(f"<div><b>minimind:</b>{trace}<span style='white-space:pre-wrap'>{html.escape(t['content'])}</span></div>")
-        self.log.value = "\n".join(rows)
+# %% ../nbs/10_chat.ipynb #dfa4723f
+@patch
+def _render(self:ChatWidget):
+    rows = []
+    for t in self.turns:
+        rows.append(f"<div><b>you:</b> {html.escape(t['user'])}</div>")
+        trace = (f"<div style='color:#888;font-style:italic;white-space:pre-wrap'>{html.escape(t['reasoning'])}</div>"
+                 if t["reasoning"] and self.think.value else "")
+        rows.append(f"<div><b>minimind:</b>{trace}<span style='white-space:pre-wrap'>{html.escape(t['content'])}</span></div>")
+    self.log.value = "\n".join(rows)
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+@patch
+def _ipython_display_(self:ChatWidget):
+    from IPython.display import display
+    display(self.widget)
 
 # %% ../nbs/10_chat.ipynb #e940a407
 if __name__ == "__main__" and "__file__" in globals(): main()

@@ -7,14 +7,14 @@ Docs: https://minimind-book.github.io/minimind/generate.html.md"""
 
 # %% auto #0
 __all__ = ['FUSE_MAX_BATCH', 'KVCache', 'decode_step', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter', 'sample_next',
-           'left_pad', 'generate_tokens', 'generate', 'IncrementalDecoder', 'stream', 'generate_text']
+           'left_pad', 'generate_tokens', 'generate', 'IncrementalDecoder', 'held_back', 'StopFilter', 'stream',
+           'generate_text']
 
 # %% ../nbs/02b_generate.ipynb #0e275b8c
 from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 import minimind.model
 from .model import MiniMindConfig, MiniMindForCausalLM, fused_projections
@@ -121,6 +121,31 @@ def left_pad(seqs:list[list[int]], # token ids of each prompt
 # %% ../nbs/02b_generate.ipynb #d60790ee
 FUSE_MAX_BATCH = 4  # fuse q|k|v and gate|up up to this batch (at any batch with oneDNN's products): chapter 02d
 
+def _padded_positions(attention_mask:torch.Tensor, # (B, T) 1 = real, 0 = left padding
+                      n_new:int, # positions to make room for
+                     )->tuple[torch.Tensor, torch.Tensor]: # mask (B, T + n_new), positions (B, T) of the prompt
+    "The attention mask allocated once at full length (sliced each step), and the positions counting real tokens."
+    B, T = attention_mask.shape
+    mask = attention_mask.new_ones(B, T + n_new, dtype=torch.long)
+    mask[:, :T] = attention_mask
+    return mask, (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+def _seen_tokens(input_ids:torch.Tensor, # (B, T) prompt ids
+                 attention_mask:torch.Tensor|None, # (B, T) 1 = real, 0 = left padding; None = all real
+                 vocab_size:int, # V
+                )->torch.Tensor: # (B, V) bool, True = the token is in the row's prompt
+    "Which tokens each prompt holds (padding left out), for the repetition penalty."
+    real = torch.ones(input_ids.shape, device=input_ids.device) if attention_mask is None else attention_mask.float()
+    return torch.zeros(input_ids.shape[0], vocab_size, device=input_ids.device).scatter_add_(1, input_ids, real) > 0
+
+def _decode_fusion(model:MiniMindForCausalLM, # the model
+                   input_ids:torch.Tensor, # (B, T) the prompts: their batch size and device decide
+                  ): # a context manager
+    "Fuse q|k|v and gate|up into one product each while decoding, where chapter 02d measured that it pays."
+    onednn = minimind.model.ONEDNN_FP32 and input_ids.device.type == "cpu"
+    return fused_projections(model) if input_ids.shape[0] <= FUSE_MAX_BATCH or onednn else nullcontext()
+
+# %% ../nbs/02b_generate.ipynb #7489c9e9
 @torch.inference_mode()
 def generate_tokens(model:MiniMindForCausalLM, # the model (eval mode)
                     input_ids:torch.Tensor, # (B, T) prompt ids, left-padded if lengths differ
@@ -145,19 +170,10 @@ def generate_tokens(model:MiniMindForCausalLM, # the model (eval mode)
     pad_id = c.pad_token_id if pad_id is None else pad_id
     if seed is not None: generator = torch.Generator(dev).manual_seed(seed)
     padded = attention_mask is not None and not bool(attention_mask.all())
-    mask = pos = None
-    if padded:
-        mask = torch.ones(B, T + n_new, dtype=torch.long, device=dev)   # grows by slicing, never reallocated
-        mask[:, :T] = attention_mask
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)        # (B, T) positions of real tokens
-    seen = None
-    if repetition_penalty != 1.0:
-        real = attention_mask.float() if padded else torch.ones(B, T, device=dev)
-        seen = torch.zeros(B, c.vocab_size, device=dev).scatter_add_(1, input_ids, real) > 0
+    mask, pos = _padded_positions(attention_mask, n_new) if padded else (None, None)
+    seen = _seen_tokens(input_ids, attention_mask, c.vocab_size) if repetition_penalty != 1.0 else None
     cache = KVCache.for_model(model, B, T + n_new)
-    onednn = minimind.model.ONEDNN_FP32 and dev.type == "cpu"
-    fuse = fused_projections(model) if B <= FUSE_MAX_BATCH or onednn else nullcontext()  # q|k|v, gate|up: one product each
-    with fuse:
+    with _decode_fusion(model, input_ids):
         logits = decode_step(model, input_ids, cache, pos, mask[:, :T] if padded else None)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         for step in range(n_new):
@@ -208,15 +224,41 @@ class IncrementalDecoder:
         return text[len(done):]
 
 # %% ../nbs/02b_generate.ipynb #ca93f1e2
+def held_back(text:str, # the text so far
+              stops:list[str], # strings that may be starting at its end
+             )->int: # characters to hold back (0 = none)
+    "Length of the longest end of `text` that could start one of `stops`."
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+class StopFilter:
+    "Cut streamed text at the first stop string, holding back an end that may still become one."
+    def __init__(self, stops:list[str]): # stop strings (not included in the output)
+        self.stops, self.pending, self.stopped = list(stops), "", False  # stopped: a stop string was seen
+
+    def push(self, text:str, # the next piece of text
+            )->str: # what is safe to emit now ('' while held back, and after a stop)
+        "Add a piece; return the text that can no longer be part of a stop string."
+        if self.stopped: return ""
+        self.pending += text
+        at = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=None)
+        if at is not None:  # the text ends before the first stop string
+            out, self.pending, self.stopped = self.pending[:at], "", True
+            return out
+        n = len(self.pending) - held_back(self.pending, self.stops)
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out
+
+    def flush(self)->str: # the held-back rest: the stream has ended, so no stop string can complete
+        "Return what is still held back at the end of the stream."
+        out, self.pending = self.pending, ""
+        return out
+
+# %% ../nbs/02b_generate.ipynb #a4b23b1b
 def _prompt_ids(tokenizer, prompt)->list[int]:
     "Token ids of a raw-text prompt, or of chat messages via the chat template (ending with the assistant's turn)."
     if isinstance(prompt, str): return tokenizer.encode(prompt)
     out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     return tokenizer.encode(out) if isinstance(out, str) else list(out)
-
-def _held_back(text:str, stops:list[str])->int:
-    "Length of the longest end of `text` that could start a stop string."
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 def _stop_ids(model, tokenizer, stop_ids):
     "Stop at the model's eos and the tokenizer's eos unless told otherwise."
@@ -232,24 +274,15 @@ def stream(model:MiniMindForCausalLM, # the model (eval mode)
            **kwargs, # sampling options of `generate_tokens` (temperature, top_k, top_p, seed, ...)
           )->Iterator[str]: # pieces of text as they are completed
     "Generate from one prompt, yielding text pieces as soon as they are complete."
-    stop, stop_ids = list(stop or []), _stop_ids(model, tokenizer, stop_ids)
+    stop_ids = _stop_ids(model, tokenizer, stop_ids)
     ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=model.lm_head.weight.device)
-    dec, pending = IncrementalDecoder(tokenizer), ""
+    dec, cut = IncrementalDecoder(tokenizer), StopFilter(stop or [])
     for tok in generate_tokens(model, ids, None, max_new_tokens, stop_ids=stop_ids, **kwargs):
         t = int(tok[0])
         if t in stop_ids: break
-        pending += dec.push(t)
-        hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
-        if hits:
-            if min(hits): yield pending[:min(hits)]
-            return
-        keep = _held_back(pending, stop)
-        if len(pending) > keep: yield pending[:len(pending) - keep]
-        pending = pending[len(pending) - keep:]
-    pending += dec.flush()
-    hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
-    if hits: pending = pending[:min(hits)]
-    if pending: yield pending
+        if piece := cut.push(dec.push(t)): yield piece
+        if cut.stopped: return
+    if rest := cut.push(dec.flush()) + cut.flush(): yield rest
 
 # %% ../nbs/02b_generate.ipynb #001455bc
 def generate_text(model:MiniMindForCausalLM, # the model (eval mode)
@@ -268,7 +301,6 @@ def generate_text(model:MiniMindForCausalLM, # the model (eval mode)
     out = generate(model, ids.to(dev), mask.to(dev), max_new_tokens, stop_ids=stop_ids, pad_id=pad, **kwargs)
     texts = []
     for row in out[:, ids.shape[1]:].tolist():
-        row = row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))]
-        text = tokenizer.decode(row)
-        texts.append(text[:min([i for i in (text.find(s) for s in stop or []) if i >= 0], default=len(text))])
+        row, cut = row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))], StopFilter(stop or [])
+        texts.append(cut.push(tokenizer.decode(row)) + cut.flush())
     return texts

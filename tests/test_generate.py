@@ -1,10 +1,11 @@
 "Tests of minimind.generate: KV cache == full forward, batching, sampling, stopping, streaming."
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minimind.generate import (IncrementalDecoder, KVCache, apply_repetition_penalty, decode_step, generate,
-                               generate_text, generate_tokens, left_pad, sample_next, stream, top_k_filter,
+from minimind.generate import (IncrementalDecoder, KVCache, StopFilter, apply_repetition_penalty, decode_step,
+                               generate, generate_text, generate_tokens, left_pad, sample_next, stream, top_k_filter,
                                top_p_filter)
 from minimind.model import MiniMindConfig
 
@@ -249,6 +250,21 @@ def test_stop_strings_cut_the_stream(tok):
     cut = full[4:7]
     got = "".join(stream(m, tok, "The cat", max_new_tokens=30, stop_ids=[], stop=[cut]))
     assert got == full[:full.find(cut)]
+
+
+@given(st.text("ab</s>", max_size=30), st.lists(st.integers(1, 3), min_size=30, max_size=30),
+       st.lists(st.sampled_from(["</s>", "ab", "b<", "s", "</", "aab"]), max_size=3))
+def test_stop_filter_equals_cutting_the_whole_text(text, sizes, stops):
+    "However the text arrives in pieces, they join to the text cut before its first stop string."
+    f, bounds = StopFilter(stops), [0]
+    while bounds[-1] < len(text): bounds.append(min(bounds[-1] + sizes[len(bounds)], len(text)))  # pieces of 1-3 characters
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+    out, longest = "", max((len(s) for s in stops), default=1)
+    for a, b in zip(bounds, bounds[1:]):
+        out += f.push(text[a:b])
+        assert len(out) >= min(b, len(text) if first is None else first) - (longest - 1)  # holds back no more than it must
+    out += f.flush()
+    assert out == text[:first] and f.stopped == (first is not None)
 
 
 def test_generate_text_batched_equals_single(tok):

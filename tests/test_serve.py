@@ -15,7 +15,8 @@ import pytest
 
 from minimind.chat import ChatModel
 from minimind.generate import generate_text
-from minimind.serve import APIError, BackgroundServer, Engine, Job, Limits, build_parser, make_app, parse_chat_request
+from minimind.serve import (APIError, BackgroundServer, Job, Limits, RoundRobinScheduler, build_parser, make_app,
+                            parse_chat_request)
 
 from conftest import micro, run_cli
 
@@ -111,7 +112,7 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(server):
         async with httpx.AsyncClient(timeout=300) as ac:
             return await asyncio.gather(*(_stream(ac, f"{srv.url}/v1/chat/completions", b) for b in bodies))
     got = asyncio.run(main())
-    assert app.state.engine.stats["finished"] >= 16
+    assert app.state.scheduler.stats["finished"] >= 16
     for (text, finish, done), b in zip(got, bodies):
         want = generate_text(cm.model, cm.tokenizer, [b["messages"]], b["max_tokens"], temperature=0.9, top_p=0.95, seed=b["seed"])[0]
         assert text == want and done and finish in ("stop", "length")
@@ -128,7 +129,7 @@ def test_round_robin_serves_requests_side_by_side(random_server):
         httpx.post(url, json=chat(cm, "hello", max_tokens=n, temperature=0), timeout=120)
         order.append(name)
     long = threading.Thread(target=go, args=("long", 450)); long.start()
-    wait_for(lambda: app.state.engine.stats["active"] >= 1)
+    wait_for(lambda: app.state.scheduler.stats["active"] >= 1)
     go("short", 5)
     long.join()
     assert order == ["short", "long"]
@@ -141,7 +142,7 @@ def test_client_disconnect_stops_generation(random_server):
     body = chat(cm, "hello", max_tokens=450, temperature=0, stream=True)
     want = generate_text(cm.model, cm.tokenizer, [body["messages"]], 450, temperature=0)[0]
     assert len(cm.tokenizer.encode(want)) >= 400  # the reply would run to max_tokens
-    stats = app.state.engine.stats
+    stats = app.state.scheduler.stats
     before = dict(stats)
     with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -218,10 +219,10 @@ def test_validation_is_a_pure_function(quick):
 
 
 def test_full_queue_is_refused_with_503(quick):
-    engine = Engine(quick.model, quick.tokenizer, max_active=1, max_queue=2)  # not started: nothing is taken
+    scheduler = RoundRobinScheduler(quick.model, quick.tokenizer, max_active=1, max_queue=2)  # not started: nothing is taken
     r = parse_chat_request(json.dumps(chat(quick, "hi")).encode(), quick.tokenizer, quick.name, Limits(context=512))
-    for _ in range(2): engine.submit(Job(r, emit=lambda ev: None))
-    with pytest.raises(APIError) as e: engine.submit(Job(r, emit=lambda ev: None))
+    for _ in range(2): scheduler.submit(Job(r, emit=lambda ev: None))
+    with pytest.raises(APIError) as e: scheduler.submit(Job(r, emit=lambda ev: None))
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "server_overloaded"
 
 
@@ -239,7 +240,19 @@ def test_command_line_reports_a_bad_model(tmp_path):
     assert out.returncode == 1 and "no such file or folder" in out.stderr
 
 
-# ---- the chat page in a real browser -------------------------------------------------------------------------
+# ---- the chat page -------------------------------------------------------------------------------------------
+
+def test_chat_page_and_its_files_are_served_from_the_package(random_server):
+    "The page, its stylesheet and its script come from minimind/static (package data), under the URLs the page uses."
+    srv, app, cm = random_server
+    page = httpx.get(f"{srv.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for name, kind in [("chat.css", "text/css"), ("chat.js", "javascript")]:
+        assert f'"static/{name}"' in page.text
+        r = httpx.get(f"{srv.url}/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"] and len(r.text) > 100
+    assert httpx.get(f"{srv.url}/static/nothing.js").json()["error"]["message"] == "Not Found"
+
 
 class Chromium:
     "Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4), so no websocket library is needed."
