@@ -25,7 +25,7 @@ from .chat import add_model_args, load_from_args
 from .data import DataError, cache_dir, read_jsonl, sniff_kind, write_jsonl
 from .model import MiniMindForCausalLM
 from .reason import read_problems, reasoning_accuracy
-from .runs import code_hash
+from .runs import Parser, code_hash, number
 from .sft import tokenize_conversations
 from .tinyworld import TINYWORLD_VERSION, tinyworld
 from .world import FACTS, ask_fact, say_fact
@@ -269,9 +269,8 @@ def results_table(rows:dict, # model name -> `evaluate` row
 
 # %% ../nbs/12_eval.ipynb #452839d5
 def build_parser()->argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minimind.eval", description="Evaluate a MiniMind model: held-out "
-                                "perplexity, multiple choice by log-likelihood, reasoning accuracy.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m minimind.eval", description="Evaluate a MiniMind model: held-out perplexity, multiple "
+               "choice by log-likelihood, reasoning accuracy.")
     add_model_args(p)
     p.add_argument("--task", default="all", choices=[*TASKS, "all"], help="what to measure")
     p.add_argument("--data", type=Path, default=None, help="the file for --task (default: TinyWorld's held-out files)")
@@ -279,8 +278,8 @@ def build_parser()->argparse.ArgumentParser:
                    help="multiple choice as plain text or as a chat; auto: text for a pretrained model, else chat")
     p.add_argument("--method", default="option", choices=["option", "letter"],
                    help="multiple choice: score each option's text, or the letter after lettered options")
-    p.add_argument("--limit", type=int, default=None, help="records per file (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=192, help="longest reasoning reply")
+    p.add_argument("--limit", type=number(int, low=1), default=None, help="records per file (default: all)")
+    p.add_argument("--max-new-tokens", type=number(int, low=1), default=192, help="longest reasoning reply")
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained model of the same architecture (the floor)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -292,6 +291,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
     "Entry point of `python -m minimind.eval`."
     args = build_parser().parse_args(argv)
     if args.data and args.task == "all": sys.exit("error: --data needs a single --task (ppl, choice or reason)")
+    if args.data and not args.data.is_file(): sys.exit(f"error: --data {args.data}: {'a folder, not a file' if args.data.is_dir() else 'no such file'}")
     try:
         cm = load_from_args(args)
         model, name = cm.model, cm.name

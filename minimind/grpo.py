@@ -17,7 +17,6 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,12 +28,11 @@ from torch import nn
 from .engine import Trainer, TrainConfig, autocast
 from .hub import load_model, model_problem
 from .reason import (REASON, add_grading_args, answer_correct, completion_text, extract_answer, grade,
-                             read_problems, report_grades, reward, sample_completions, show_change)
+                             problems_problem, read_problems, report_grades, reward, sample_completions, show_change)
 from .runs import Input, Stage, dist_context, register, say
 from .sft import prompt_ids
 from .tinyworld import DATA
 from .tokenizer import MiniMindTokenizer
-from .data import jsonl_problem
 
 # %% ../nbs/09b_grpo.ipynb #bc411f63
 def group_advantages(rewards:torch.Tensor, # (P, G): G completions for each of P prompts
@@ -379,6 +377,6 @@ def run_grpo(args:argparse.Namespace, # the `grpo` stage's flags, inputs resolve
     return numbers
 
 GRPO = register(Stage("grpo", "GRPO with verifiable rewards on TinyWorld problems", add_grpo_args, run_grpo,
-                      reads=(Input("init", REASON, "model", check=model_problem), Input("data", DATA, "rl.jsonl", many=True, check=partial(jsonl_problem, kind="rl")),
-                             Input("val_data", DATA, "rl_val.jsonl", unless="data", check=partial(jsonl_problem, kind="rl"))),
+                      reads=(Input("init", REASON, "model", check=model_problem), Input("data", DATA, "rl.jsonl", many=True, check=problems_problem),
+                             Input("val_data", DATA, "rl_val.jsonl", unless="data", check=problems_problem)),
                       writes=("model",), distributed=True, quick=GRPO_QUICK_ARGS))

@@ -8,8 +8,8 @@ Docs: https://minimind-book.github.io/minimind/reasoning.html.md"""
 # %% auto #0
 __all__ = ['TAG_RE', 'ANSWER_RE', 'FORMAT_RE', 'REASON_STEPS', 'REASON_QUICK_ARGS', 'REASON', 'extract_answer', 'format_ok',
            'normalize_answer', 'answer_correct', 'partial_credit', 'reward', 'final_answer', 'read_problems',
-           'sample_completions', 'completion_text', 'reasoning_accuracy', 'tag_weights', 'reason_loss',
-           'add_grading_args', 'add_reason_args', 'grade', 'show_change', 'report_grades', 'run_reason']
+           'problems_problem', 'sample_completions', 'completion_text', 'reasoning_accuracy', 'tag_weights',
+           'reason_loss', 'add_grading_args', 'add_reason_args', 'grade', 'show_change', 'report_grades', 'run_reason']
 
 # %% ../nbs/09_reasoning.ipynb #06695fb8
 import argparse
@@ -103,12 +103,22 @@ def read_problems(path:str|Path, # a JSONL file of problems
     "Problems with their ground truth; a record without an `answer` string is an error naming the file and line."
     out = []
     for line, rec in enumerate(read_jsonl(path, kind), 1):
-        if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
-            raise DataError(path, line, f"answer: expected a non-empty string (the ground truth), got {rec.get('answer')!r:.40}")
-        if not isinstance(rec.get("difficulty", 0), int):
-            raise DataError(path, line, f"difficulty: expected an integer, got {rec['difficulty']!r:.20}")
+        if (why := _not_a_problem(rec)): raise DataError(path, line, why)
         out.append(rec)
     return out
+
+def _not_a_problem(rec:dict)->str|None:
+    if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
+        return f"answer: expected a non-empty string (the ground truth), got {rec.get('answer')!r:.40}"
+    if not isinstance(rec.get("difficulty", 0), int): return f"difficulty: expected an integer, got {rec['difficulty']!r:.20}"
+
+def problems_problem(path:Path, # a file of problems given to a stage
+                     kind:str="rl", # the record kind
+                    )->str|None: # what is wrong, or None
+    "A check before any work: the first record is a `kind` record with a ground-truth `answer` (the rest is read later)."
+    if (why := jsonl_problem(path, kind)): return why
+    why = _not_a_problem(next(iter(read_jsonl(path, kind))))
+    return f"{path}:1: {why}" if why else None
 
 # %% ../nbs/09_reasoning.ipynb #0c6dff4a
 @torch.no_grad()
@@ -272,5 +282,5 @@ def run_reason(args:argparse.Namespace, # the `reason` stage's flags, inputs res
 
 REASON = register(Stage("reason", "R1-style reasoning distillation: think, then answer", add_reason_args, run_reason,
                         reads=(Input("init", DPO, "model", check=model_problem), Input("data", DATA, "reason.jsonl", many=True, check=partial(jsonl_problem, kind="reason")),
-                               Input("val_data", DATA, "reason_val.jsonl", unless="data", check=partial(jsonl_problem, kind="reason"))),
+                               Input("val_data", DATA, "reason_val.jsonl", unless="data", check=partial(problems_problem, kind="reason"))),
                         writes=("model",), distributed=True, quick=REASON_QUICK_ARGS))

@@ -8,13 +8,14 @@ Docs: https://minimind-book.github.io/minimind/serve.html.md"""
 # %% auto #0
 __all__ = ['FIELDS', 'ROLES', 'RESERVED', 'STATIC', 'APIError', 'Limits', 'ChatRequest', 'parse_chat_request', 'Job',
            'completion_pieces', 'RoundRobinScheduler', 'sse', 'EventStream', 'stream_events', 'complete', 'read_body',
-           'make_app', 'BackgroundServer', 'build_parser', 'main']
+           'make_app', 'BackgroundServer', 'port_problem', 'build_parser', 'main']
 
 # %% ../nbs/11_serve.ipynb #5d19f760
 import argparse
 import asyncio
 import json
 import queue
+import socket
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .chat import ChatModel, ThinkSplitter, add_model_args, load_from_args, split_think
 from .generate import IncrementalDecoder, StopFilter, generate_tokens
 from .model import fused_projections
+from .runs import Parser, number
 from .tokenizer import BOS, EOS, PAD
 
 # %% ../nbs/11_serve.ipynb #b9872511
@@ -370,7 +372,10 @@ def _openai_errors(app:FastAPI):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+        msg = str(e.detail) if e.status_code != 404 else (f"{request.method} {request.url.path}: no such endpoint; this server "
+              "answers POST /v1/chat/completions, GET /v1/models, GET /health, and the chat page at /")
+        return JSONResponse(APIError(e.status_code, msg, code="not_found" if e.status_code == 404 else None).body(),
+                            status_code=e.status_code)
 
 # %% ../nbs/11_serve.ipynb #dc25b7e9
 def _api_routes(app:FastAPI, # with `state.scheduler`, `state.limits` and `state.name` set
@@ -469,19 +474,24 @@ class BackgroundServer:
     def __exit__(self, *exc): self.stop()
 
 # %% ../nbs/11_serve.ipynb #978a80dc
+def port_problem(host:str, port:int)->str|None: # what keeps the server from listening there, or None
+    "Try to listen on `host:port` before anything else: a port in use is an error line, not a traceback after loading."
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try: s.bind((host, port))
+        except OSError as e: return f"--port {port}: cannot listen on {host} ({e.strerror}); another server may have it: pick another --port"
+
 def build_parser()->argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minimind.serve", description="Serve a MiniMind model with an "
-                                "OpenAI-compatible API and a chat page.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m minimind.serve", description="Serve a MiniMind model with an OpenAI-compatible API and a chat page.")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface; there is no "
                                                        "authentication unless --api-key is given)")
-    p.add_argument("--port", type=int, default=8998, help="port")
+    p.add_argument("--port", type=number(int, low=0, high=65535), default=8998, help="port")
     p.add_argument("--name", default=None, help="the model's name in the API (default: minimind-<stage> or the folder's name)")
-    p.add_argument("--context", type=int, default=None, help="positions for prompt + completion (default: the model's maximum)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens one request may ask for")
-    p.add_argument("--default-max-tokens", type=int, default=256, help="new tokens when a request does not say")
-    p.add_argument("--max-active", type=int, default=16, help="requests generating at once")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those (more get 503)")
+    p.add_argument("--context", type=number(int, low=2), default=None, help="positions for prompt + completion (default: the model's maximum)")
+    p.add_argument("--max-tokens", type=number(int, low=1), default=1024, help="most new tokens one request may ask for")
+    p.add_argument("--default-max-tokens", type=number(int, low=1), default=256, help="new tokens when a request does not say")
+    p.add_argument("--max-active", type=number(int, low=1), default=16, help="requests generating at once")
+    p.add_argument("--max-queue", type=number(int, low=0), default=64, help="requests waiting beyond those (more get 503)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API requests")
     return p
 
@@ -489,6 +499,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
         )->None:
     "Entry point of `python -m minimind.serve`."
     args = build_parser().parse_args(argv)
+    if (why := port_problem(args.host, args.port)): sys.exit(f"error: {why}")  # before the model loads: it fails fast
     cm = load_from_args(args)
     context = min(args.context or cm.model.config.max_position_embeddings, cm.model.config.max_position_embeddings)
     limits = Limits(context, args.max_tokens, args.default_max_tokens)

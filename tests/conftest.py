@@ -66,8 +66,9 @@ def tok():
 @pytest.fixture(scope="module")
 def quick():
     "The book's quick pretrained model and its tokenizer, a `ChatModel` (trained on first use, a few seconds)."
+    from minimind.pretrain import PRETRAIN
     from minimind.runs import require
-    return load_chat_model(require("pretrain", quick=True) / "model")
+    return load_chat_model(require(PRETRAIN, quick=True) / "model")
 
 
 # ---- the command line ------------------------------------------------------------------------------------------

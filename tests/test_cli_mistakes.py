@@ -1,11 +1,11 @@
 """A user's mistake on any command line ends in one `error:` line, a non-zero exit, no traceback, and no file of the
 run folder changed."""
 import json
-import shutil
 
 import pytest
 
 from minimind.runs import require
+from minimind.tokenizer import TOKENIZER
 
 from conftest import run_cli
 
@@ -14,7 +14,7 @@ def files(tmp_path_factory):
     "A run folder with the quick TinyWorld and tokenizer, and files that are wrong in the ways users get them wrong."
     d = tmp_path_factory.mktemp("mistakes")
     run = d/"run"
-    require("tokenizer", run, quick=True)
+    require(TOKENIZER, run, quick=True)
     (d/"empty.jsonl").write_bytes(b"")
     (d/"latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
     (d/"bad_json.jsonl").write_text('{"text": "unterminated\n', encoding="utf-8")
@@ -50,7 +50,8 @@ CASES = {  # name: (arguments, a piece of the error line); "{d}" is the folder o
     "a teacher that is not a model": (["distill", "--teacher", "{d}/not_a_model"], "not a model folder"),
     "a file as the run folder": (["data", "--run-dir", "{d}/a_file"], "a file, not a folder"),
     "a done stage asked with other flags": (["data", "--scale", "0.5"], "other flags"),
-    "GRPO problems that are not problems": (["grpo", "--data", "{d}/sft.jsonl"], "placeholder"),
+    "GRPO problems without an answer": (["grpo", "--data", "{d}/sft.jsonl"], "answer: expected a non-empty string"),
+    "held-out problems that are not problems": (["reason", "--val-data", "{d}/sft.jsonl"], "expected <think>"),
 }
 
 @pytest.mark.parametrize("name", CASES)

@@ -136,9 +136,10 @@ def test_make_student_copies_the_vocabulary_and_is_reproducible():
 
 def test_distill_stage_smoke(tmp_path):
     from minimind.hub import load_model
+    from minimind.sft import SFT
     from minimind.runs import require
     run = tmp_path / "run"
-    sft = require("sft", run, quick=True)
+    sft = require(SFT, run, quick=True)
     out = run_cli("distill", "--run-dir", run, *DISTILL_QUICK_ARGS)
     assert out.returncode == 0, out.stderr[-3000:]
     student, teacher = load_model(run / "distill" / "model"), load_model(sft / "model")

@@ -157,8 +157,9 @@ def test_too_long_pairs_raise_or_are_cut_and_counted(tok, val_file, tmp_path):
     assert all((ds[i][f"{k}_labels"] != -100).any() for i in range(len(ds)) for k in ("chosen", "rejected"))
 
 def test_dpo_stage_runs_from_the_sft_stage(tmp_path):
+    from minimind.sft import SFT
     from minimind.runs import require
-    sft = require("sft", tmp_path, quick=True)
+    sft = require(SFT, tmp_path, quick=True)
     out = run_cli("dpo", "--run-dir", tmp_path, *DPO_QUICK_ARGS)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "dpo" / "model" / "model.safetensors").exists()

@@ -14,6 +14,7 @@ from minimind.eval import (LETTERS, choice_accuracy, choice_scores, parse_choice
 from minimind.model import MiniMindForCausalLM
 from minimind.sft import tokenize_conversations
 from minimind.runs import require
+from minimind.pretrain import PRETRAIN
 
 from conftest import run_cli
 
@@ -21,7 +22,7 @@ from conftest import run_cli
 @pytest.fixture(scope="module")
 def book():
     "The book's pretrained model at its real size (about a minute to train on first use; cached afterwards)."
-    return load_chat_model(require("pretrain") / "model")
+    return load_chat_model(require(PRETRAIN) / "model")
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------

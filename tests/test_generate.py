@@ -228,7 +228,6 @@ def test_stream_of_chinese_from_a_scripted_model(tok):
             self.config = MiniMindConfig.from_preset("micro", vocab_size=len(tok))
             self.lm_head = torch.nn.Linear(1, 1)
         def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, logits_to_keep=0):
-            start = past_key_values.pos
             past_key_values.pos += input_ids.shape[1]
             step = past_key_values.pos - n_prompt
             logits = torch.zeros(input_ids.shape[0], 1, len(tok))

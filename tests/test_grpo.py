@@ -162,9 +162,10 @@ def test_ddp_two_processes_equal_one_on_the_same_global_batch(tmp_path):
 def quick():
     "The book's quick pretrained model and TinyWorld's RL problems."
     from minimind.reason import read_problems
+    from minimind.pretrain import PRETRAIN
     from minimind.runs import require
     from minimind.tokenizer import MiniMindTokenizer
-    run = require("pretrain", quick=True).parent
+    run = require(PRETRAIN, quick=True).parent
     return run / "pretrain" / "model", MiniMindTokenizer.load(run / "tokenizer"), read_problems(run / "data" / "rl.jsonl")
 
 def grpo_trainer(quick, out, **kw):

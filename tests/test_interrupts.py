@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from minimind.runs import read_done, require
+from minimind.tokenizer import TOKENIZER
 
 from conftest import run_cli
 
@@ -22,7 +23,7 @@ QUICK = ("pretrain", "--preset", "micro", "--seq-len", "64", "--eval-every", "0"
 def prepared(tmp_path_factory):
     "A run folder with the quick TinyWorld and tokenizer, to copy for each run."
     run = tmp_path_factory.mktemp("prepared")/"run"
-    require("tokenizer", run, quick=True)
+    require(TOKENIZER, run, quick=True)
     return run
 
 def fresh(prepared, path):
@@ -75,7 +76,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_continues_to_the_same_we
     stopped = int(err.split("stopped at step ")[1].split()[0])
     assert 0 < stopped < 300 and (run/"pretrain"/"checkpoints"/f"step_{stopped:08d}.pt").exists()
     again = run_cli(*QUICK, "--steps", "300", "--run-dir", run)
-    assert again.returncode == 0 and f"resumed from" in again.stdout + again.stderr
+    assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr
     straight = fresh(prepared, tmp_path/"straight")
     assert run_cli(*QUICK, "--steps", "300", "--run-dir", straight).returncode == 0
     assert all(torch.equal(v, weights(straight)[k]) for k, v in weights(run).items())

@@ -1,5 +1,4 @@
 "LoRA adapters: merged == adapter form, frozen base, save/load round trip, clear mismatch errors, the `lora` stage."
-import copy
 import json
 
 import pytest
@@ -150,8 +149,9 @@ def test_minimind2_small_rank16_adapter_is_small(tmp_path):
 def test_lora_stage_smoke(tmp_path):
     "`python -m minimind.train lora` with its quick flags, from a quick SFT run: adapter and merged model written."
     pytest.importorskip("minimind.sft")
+    from minimind.sft import SFT
     from minimind.runs import require
-    require("sft", tmp_path, quick=True)  # data, tokenizer, pretrain and sft, each its quick version
+    require(SFT, tmp_path, quick=True)  # data, tokenizer, pretrain and sft, each its quick version
     out = run_cli("lora", "--run-dir", tmp_path, *LORA_QUICK_ARGS)
     assert out.returncode == 0, out.stderr[-3000:]
     lora = tmp_path/"lora"

@@ -88,8 +88,9 @@ def test_tag_weighting_changes_only_tag_positions():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     "A copy of the book's quick run folder (TinyWorld, tokenizer, pretrain, sft, dpo at their quick sizes)."
+    from minimind.dpo import DPO
     from minimind.runs import require
-    src = require("dpo", quick=True).parent
+    src = require(DPO, quick=True).parent
     run = tmp_path_factory.mktemp("quick") / "run"
     shutil.copytree(src, run, ignore=shutil.ignore_patterns("checkpoints", ".lock", "reason", "grpo"))
     return run

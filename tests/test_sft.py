@@ -1,6 +1,5 @@
 "Chapter 05: chat formatting, assistant-only loss masks, packing, the `sft` stage."
 import json
-import os
 
 import numpy as np
 import pytest
@@ -170,10 +169,11 @@ def test_sft_stage_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from minimind.hub import load_model
     from minimind.sft import SFT_QUICK_ARGS
+    from minimind.pretrain import PRETRAIN
     from minimind.runs import require
     from minimind.train import main
     run = tmp_path/"run"
-    require("pretrain", run, quick=True)
+    require(PRETRAIN, run, quick=True)
     main(["--run-dir", str(run), "sft", *SFT_QUICK_ARGS])
     done = json.loads((run/"sft"/"done.json").read_text())
     assert " -> " in done["numbers"]["val ce"] and " -> " in done["numbers"]["accuracy"]
