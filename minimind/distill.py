@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import jsonl_problem, read_jsonl
-from .engine import Trainer, add_engine_args, causal_lm_loss, engine_config
+from .engine import Trainer, causal_lm_loss
 from .hub import load_model, model_problem
 from .model import MiniMindConfig, MiniMindForCausalLM
+from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register
 from .sft import SFT, TOO_LONG, SFTDataset, sft_collate, sft_eval
 from .tinyworld import DATA

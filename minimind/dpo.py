@@ -24,8 +24,9 @@ from fastcore.basics import patch
 from torch import nn
 
 from .data import DataError, jsonl_problem, read_jsonl, validate_record
-from .engine import Trainer, add_engine_args, autocast, engine_config
+from .engine import Trainer, autocast
 from .hub import load_model, model_problem
+from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register
 from .sft import IGNORE, SFT, shift_labels, tokenize_conversations
 from .tinyworld import DATA

@@ -9,10 +9,9 @@ Docs: https://minimind-book.github.io/minimind/engine.html.md"""
 __all__ = ['AMP_DTYPES', 'CKPT_PREFIX', 'LATEST', 'trained_tokens', 'causal_lm_loss', 'lr_at', 'amp_dtype', 'autocast',
            'param_groups', 'epoch_order', 'advance', 'GlobalBatchSampler', 'save_checkpoint', 'latest_checkpoint',
            'load_checkpoint', 'rng_state', 'set_rng_state', 'flops_per_token', 'measure_peak_flops', 'TrainConfig',
-           'add_engine_args', 'engine_config', 'Trainer']
+           'Trainer']
 
 # %% ../nbs/04b_engine.ipynb #db7d8370
-import argparse
 import json
 import math
 import random
@@ -245,56 +244,7 @@ class TrainConfig:
     wandb: str|None = None  # a wandb project to log to as well
     progress: bool = True  # show a progress bar
 
-# %% ../nbs/04b_engine.ipynb #4c73bbf4
-def add_engine_args(p:argparse.ArgumentParser, # a stage's parser
-                    steps:int, # the stage's default number of optimizer steps
-                    micro_batch:int, lr:float, warmup:int, # the stage's defaults for these flags
-                    weight_decay:float=0.1, eval_every:int=50, eval_batches:int=8, save_every:int=0, keep:int=1,
-                    log_every:int=10, # more of the stage's defaults
-                    unit:str="rows", # what one sample of the stage is ("pairs" for DPO)
-                   ):
-    "The engine's flags (the fields of `TrainConfig`) with a stage's defaults, in their own help section."
-    g = p.add_argument_group("training engine (chapter 04b)")
-    g.add_argument("--micro-batch", type=int, default=micro_batch, help=f"{unit} per forward/backward pass on each process")
-    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (global batch = micro-batch x accum x processes)")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    g.add_argument("--warmup", type=int, default=warmup, help="optimizer steps of linear warmup")
-    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay of matrices (never norms, embeddings, biases)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {steps} unless --epochs)")
-    budget.add_argument("--epochs", type=float, default=None, help=f"passes over the {unit} instead of --steps")
-    g.add_argument("--eval-every", type=int, default=eval_every, help="held-out evaluation every N steps (also at the start and the end)")
-    g.add_argument("--eval-batches", type=int, default=eval_batches, help="micro-batches per process and evaluation; 0: the whole held-out set")
-    g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep", type=int, default=keep, help="checkpoints to keep")
-    g.add_argument("--log-every", type=int, default=log_every, help="steps between metrics records")
-    g.add_argument("--dtype", default="auto", choices=["auto", *AMP_DTYPES],
-                   help="compute dtype: auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPUs")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
-    g.add_argument("--resume", nargs="?", const=True, default="auto", metavar="CHECKPOINT",
-                   help="continue from the output folder's latest checkpoint (what an unfinished run does by default), "
-                        "or from CHECKPOINT")
-    g.add_argument("--stop-at", type=int, default=None, help="end this run after step N with a checkpoint (resume later)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the data order (and of any weights the stage initialises)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per training process")
-    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    g.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: measured)")
-    p.set_defaults(default_steps=steps)  # the budget without --steps and --epochs, for `engine_config`
 
-def engine_config(args:argparse.Namespace, # parsed flags of `add_engine_args`
-                  out_dir:str|Path, # the run's folder
-                 )->TrainConfig:
-    "The `TrainConfig` that the flags describe."
-    steps = args.steps or (None if args.epochs else args.default_steps)
-    return TrainConfig(out_dir=out_dir, steps=steps, epochs=args.epochs or 1.0,
-                       micro_batch=args.micro_batch, accum=args.accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                       warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
-                       compile=args.compile, eval_every=args.eval_every, eval_batches=args.eval_batches or None,
-                       save_every=args.save_every, keep=args.keep, log_every=args.log_every, seed=args.seed,
-                       resume=args.resume, stop_at=args.stop_at, num_workers=args.workers, peak_flops=args.peak_flops,
-                       wandb=args.wandb)
 
 # %% ../nbs/04b_engine.ipynb #e37cedf6
 class Trainer:

@@ -29,10 +29,11 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .data import atomic_write, jsonl_problem, read_jsonl
-from .engine import AMP_DTYPES, Trainer, add_engine_args, causal_lm_loss, engine_config
+from .engine import AMP_DTYPES, Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import WeightsError, load_model, model_problem
 from .model import Linear
+from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register, say
 from .sft import SFT, SFTDataset, sft_collate, sft_eval
 from .tinyworld import ASSISTANT_NAME, DATA, IDENTITY_Q, LORA_NAME

@@ -24,9 +24,10 @@ from torch import nn
 
 from .data import ANSWER, END_ANSWER, END_THINK, TAGS, THINK, DataError, jsonl_problem, read_jsonl
 from .dpo import DPO
-from .engine import Trainer, add_engine_args, engine_config
+from .engine import Trainer
 from .generate import generate, left_pad
 from .hub import load_model, model_problem
+from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register
 from .sft import TOO_LONG, SFTDataset, prompt_ids, sft_collate
 from .tinyworld import DATA

@@ -24,10 +24,10 @@ from fastcore.basics import patch
 from torch.utils.data import Dataset
 
 from .data import DataError, jsonl_problem, read_jsonl, validate_record
-from .engine import Trainer, add_engine_args, causal_lm_loss, engine_config
+from .engine import Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import load_model, model_problem
-from .pretrain import PRETRAIN
+from .pretrain import PRETRAIN, add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register
 from .tinyworld import ASSISTANT_NAME, DATA, IDENTITY_A, IDENTITY_Q
 from .tokenizer import BOS, EOS, MiniMindTokenizer
