@@ -24,8 +24,8 @@ from .hub import load_model, model_problem
 from .model import MiniMindConfig, MiniMindForCausalLM
 from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register
-from .sft import SFT, TOO_LONG, SFTDataset, sft_collate, sft_eval
-from .tinyworld import DATA
+from .sft import SFT, SFTDataset, add_conversation_args, sft_collate, sft_eval
+from .tinyworld import data_inputs
 from .tokenizer import MiniMindTokenizer
 
 # %% ../nbs/08_distill.ipynb #55c70c2d
@@ -115,15 +115,7 @@ def add_distill_args(p:argparse.ArgumentParser):
                    help="forward: KL(teacher || student), covers the teacher's modes; reverse: KL(student || teacher), seeks one")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the same student on the same data without the teacher (alpha 1) and report it")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="SFT JSONL files of {'conversations'} records (default: RUN_DIR/data/sft.jsonl)")
-    p.add_argument("--val-data", type=Path, default=None,
-                   help="held-out JSONL file (default: TinyWorld's sft_val.jsonl without --data, none with it)")
-    p.add_argument("--seq-len", type=int, default=512, help="inputs per training row; a conversation may have seq-len + 1 tokens")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack whole conversations into rows (best fit); --no-pack pads one conversation per row")
-    p.add_argument("--too-long", choices=TOO_LONG, default="raise",
-                   help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
+    add_conversation_args(p)
     add_engine_args(p, DISTILL_STEPS, micro_batch=4, lr=3e-3, warmup=10)
     p.add_argument("--eval-graded", type=int, default=200, help="held-out replies graded by exact match before and after (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of a graded reply")
@@ -187,6 +179,6 @@ def run_distill(args:argparse.Namespace, # the `distill` stage's flags, inputs r
     return numbers
 
 DISTILL = register(Stage("distill", "distil the SFT model into a smaller student", add_distill_args, run_distill,
-                         reads=(Input("teacher", SFT, "model", check=model_problem), Input("data", DATA, "sft.jsonl", many=True, check=partial(jsonl_problem, kind="sft")),
-                                Input("val_data", DATA, "sft_val.jsonl", unless="data", check=partial(jsonl_problem, kind="sft"))),
+                         reads=(Input("teacher", SFT, "model", check=model_problem),
+                                *data_inputs("sft.jsonl", "sft_val.jsonl", partial(jsonl_problem, kind="sft"))),
                          writes=("model",), distributed=True, quick=DISTILL_QUICK_ARGS))

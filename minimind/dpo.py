@@ -29,7 +29,7 @@ from .hub import load_model, model_problem
 from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register
 from .sft import IGNORE, SFT, shift_labels, tokenize_conversations
-from .tinyworld import DATA
+from .tinyworld import add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
 
 # %% ../nbs/07_dpo.ipynb #f0c01fa5
@@ -254,10 +254,7 @@ def add_dpo_args(p:argparse.ArgumentParser, # the `dpo` sub-command's parser
     p.add_argument("--init", type=Path, default=None,
                    help="model folder to start from, and the reference (default: RUN_DIR/sft/model)")
     p.add_argument("--ref", type=Path, default=None, help="a different reference model folder (default: the --init model)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="DPO JSONL of {'chosen': [...], 'rejected': [...]} records (default: RUN_DIR/data/dpo.jsonl)")
-    p.add_argument("--val-data", type=Path, default=None,
-                   help="held-out DPO JSONL (default: TinyWorld's dpo_val.jsonl without --data, none with it)")
+    add_data_flags(p, "DPO JSONL of {'chosen': [...], 'rejected': [...]} records", "dpo.jsonl", "dpo_val.jsonl", many=False)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/dpo)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta: how strongly the policy is held to the reference")
     p.add_argument("--cache-ref", action="store_true",
@@ -303,6 +300,6 @@ def run_dpo(args:argparse.Namespace, # the `dpo` stage's flags, inputs resolved
     return numbers
 
 DPO = register(Stage("dpo", "direct preference optimisation of the SFT model on chosen/rejected pairs", add_dpo_args, run_dpo,
-                     reads=(Input("init", SFT, "model", check=model_problem), Input("data", DATA, "dpo.jsonl", check=partial(jsonl_problem, kind="dpo")),
-                            Input("val_data", DATA, "dpo_val.jsonl", unless="data", check=partial(jsonl_problem, kind="dpo"))),
+                     reads=(Input("init", SFT, "model", check=model_problem),
+                            *data_inputs("dpo.jsonl", "dpo_val.jsonl", partial(jsonl_problem, kind="dpo"), many=False)),
                      writes=("model",), distributed=True, quick=DPO_QUICK_ARGS))

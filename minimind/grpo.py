@@ -31,7 +31,7 @@ from .reason import (REASON, add_grading_args, answer_correct, completion_text, 
                              problems_problem, read_problems, report_grades, reward, sample_completions, show_change)
 from .runs import Input, Stage, dist_context, register, say
 from .sft import prompt_ids
-from .tinyworld import DATA
+from .tinyworld import add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
 
 # %% ../nbs/09b_grpo.ipynb #bc411f63
@@ -295,11 +295,8 @@ def add_grpo_args(p:argparse.ArgumentParser):
     "The `grpo` stage's flags."
     d = GRPOConfig()
     p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/reason/model)")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="JSONL problems: conversations ending with the assistant placeholder, and the ground truth in 'answer', "
-                        "optionally 'difficulty' (default: RUN_DIR/data/rl.jsonl)")
-    p.add_argument("--val-data", type=Path, default=None,
-                   help="held-out problems (default: TinyWorld's rl_val.jsonl without --data, none with it)")
+    add_data_flags(p, "JSONL problems: conversations ending with the assistant placeholder, and the ground truth in 'answer', "
+                      "optionally 'difficulty'", "rl.jsonl", "rl_val.jsonl")
     p.add_argument("--steps", type=int, default=GRPO_ROUNDS, help="rollout rounds")
     p.add_argument("--prompts", type=int, default=d.prompts, help="problems per round over all processes (a multiple of the processes)")
     p.add_argument("--group-size", type=int, default=d.group_size, help="completions sampled per problem (G)")
@@ -377,6 +374,6 @@ def run_grpo(args:argparse.Namespace, # the `grpo` stage's flags, inputs resolve
     return numbers
 
 GRPO = register(Stage("grpo", "GRPO with verifiable rewards on TinyWorld problems", add_grpo_args, run_grpo,
-                      reads=(Input("init", REASON, "model", check=model_problem), Input("data", DATA, "rl.jsonl", many=True, check=problems_problem),
-                             Input("val_data", DATA, "rl_val.jsonl", unless="data", check=problems_problem)),
+                      reads=(Input("init", REASON, "model", check=model_problem),
+                             *data_inputs("rl.jsonl", "rl_val.jsonl", problems_problem)),
                       writes=("model",), distributed=True, quick=GRPO_QUICK_ARGS))

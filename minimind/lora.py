@@ -389,7 +389,8 @@ def run_lora(args:argparse.Namespace, # the `lora` stage's flags, inputs resolve
     return numbers
 
 LORA = register(Stage("lora", "low-rank adapters on the SFT model (a new identity by default)", add_lora_args, run_lora,
-                      reads=(Input("init", SFT, "model", check=model_problem), Input("data", DATA, IDENTITY_FILE, many=True, check=partial(jsonl_problem, kind="sft")),
+                      reads=(Input("init", SFT, "model", check=model_problem),
+                             Input("data", DATA, IDENTITY_FILE, many=True, check=partial(jsonl_problem, kind="sft")),
                              Input("replay_data", DATA, "sft.jsonl", unless="data", many=True, check=partial(jsonl_problem, kind="sft")),
                              Input("val_data", DATA, "sft_val.jsonl", unless="data", check=partial(jsonl_problem, kind="sft"))),
                       writes=("adapter", "model"), distributed=True, quick=LORA_QUICK_ARGS))

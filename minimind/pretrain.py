@@ -21,7 +21,7 @@ from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from .moe import update_router_bias
 from .runs import Input, Stage, barrier, content_hash, dist_context, number, read_done, register
 from .shards import PackedDataset, build_token_file
-from .tinyworld import DATA
+from .tinyworld import add_data_flags, data_inputs
 from .tokenizer import TOKENIZER, MiniMindTokenizer, tokenizer_problem
 
 # %% ../nbs/04c_pretrain.ipynb #b90180e2
@@ -80,10 +80,7 @@ PRETRAIN_STEPS = 240  # default budget without --steps or --epochs: 490k tokens 
 
 def add_pretrain_args(p:argparse.ArgumentParser):
     "The `pretrain` stage's flags."
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="pretraining JSONL files of {'text'} records (default: RUN_DIR/data/pretrain.jsonl)")
-    p.add_argument("--val-data", type=Path, default=None,
-                   help="held-out JSONL file (default: TinyWorld's pretrain_val.jsonl without --data, none with it)")
+    add_data_flags(p, "pretraining JSONL files of {'text'} records", "pretrain.jsonl", "pretrain_val.jsonl")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: RUN_DIR/tokenizer)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), metavar="PRESET", help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed training row")
@@ -144,7 +141,6 @@ def check_pretrain(args:argparse.Namespace, # the stage's flags, as parsed
 # %% ../nbs/04c_pretrain.ipynb #43d5382c
 PRETRAIN = register(Stage("pretrain", "pretrain a model from scratch on packed text (the training engine; distributed under torchrun)",
                           add_pretrain_args, run_pretrain, distributed=True, writes=("model",), check=check_pretrain,
-                          reads=(Input("data", DATA, "pretrain.jsonl", many=True, check=partial(jsonl_problem, kind="pretrain")),
-                                 Input("val_data", DATA, "pretrain_val.jsonl", unless="data", check=partial(jsonl_problem, kind="pretrain")),
+                          reads=(*data_inputs("pretrain.jsonl", "pretrain_val.jsonl", partial(jsonl_problem, kind="pretrain")),
                                  Input("tokenizer", TOKENIZER, check=tokenizer_problem)),
                           quick=("--preset", "micro", "--steps", "40", "--seq-len", "128", "--eval-every", "20", "--eval-batches", "2")))

@@ -30,7 +30,7 @@ from .hub import load_model, model_problem
 from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register
 from .sft import TOO_LONG, SFTDataset, prompt_ids, sft_collate
-from .tinyworld import DATA
+from .tinyworld import add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
 
 # %% ../nbs/09_reasoning.ipynb #0f2138df
@@ -218,11 +218,8 @@ def add_grading_args(p:argparse.ArgumentParser, # a stage's parser
 def add_reason_args(p:argparse.ArgumentParser):
     "The `reason` stage's flags."
     p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/dpo/model)")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="reasoning JSONL files: conversations whose assistant turn is <think>...</think><answer>...</answer> "
-                        "(default: RUN_DIR/data/reason.jsonl)")
-    p.add_argument("--val-data", type=Path, default=None,
-                   help="held-out problems with an 'answer' (default: TinyWorld's reason_val.jsonl without --data, none with it)")
+    add_data_flags(p, "reasoning JSONL files: conversations whose assistant turn is <think>...</think><answer>...</answer>",
+                   "reason.jsonl", "reason_val.jsonl")
     p.add_argument("--seq-len", type=int, default=512, help="inputs per packed training row")
     p.add_argument("--too-long", choices=TOO_LONG, default="raise",
                    help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
@@ -282,6 +279,7 @@ def run_reason(args:argparse.Namespace, # the `reason` stage's flags, inputs res
     return numbers
 
 REASON = register(Stage("reason", "R1-style reasoning distillation: think, then answer", add_reason_args, run_reason,
-                        reads=(Input("init", DPO, "model", check=model_problem), Input("data", DATA, "reason.jsonl", many=True, check=partial(jsonl_problem, kind="reason")),
-                               Input("val_data", DATA, "reason_val.jsonl", unless="data", check=partial(problems_problem, kind="reason"))),
+                        reads=(Input("init", DPO, "model", check=model_problem),
+                               *data_inputs("reason.jsonl", "reason_val.jsonl", partial(jsonl_problem, kind="reason"),
+                                            val_check=partial(problems_problem, kind="reason"))),
                         writes=("model",), distributed=True, quick=REASON_QUICK_ARGS))

@@ -8,7 +8,7 @@ Docs: https://minimind-book.github.io/minimind/sft.html.md"""
 __all__ = ['ASSISTANT_HEADER', 'IGNORE', 'TOO_LONG', 'SFT_STEPS', 'SFT_QUICK_ARGS', 'SFT', 'assistant_spans',
            'ConversationTooLong', 'tokenize_conversations', 'tokenize_conversation', 'prompt_ids', 'shift_labels',
            'pack_best_fit', 'SFTDataset', 'sft_collate', 'gold_answers', 'graded_turns', 'answer', 'sft_ce', 'sft_eval',
-           'add_sft_args', 'run_sft']
+           'add_conversation_args', 'add_sft_args', 'run_sft']
 
 # %% ../nbs/05_sft.ipynb #728f874a
 import argparse
@@ -28,8 +28,8 @@ from .engine import Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import load_model, model_problem
 from .pretrain import PRETRAIN, add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, register
-from .tinyworld import ASSISTANT_NAME, DATA, IDENTITY_A, IDENTITY_Q
+from .runs import Input, Stage, dist_context, number, register
+from .tinyworld import ASSISTANT_NAME, IDENTITY_A, IDENTITY_Q, add_data_flags, data_inputs
 from .tokenizer import BOS, EOS, MiniMindTokenizer
 from .world import FACT_TEMPLATES, FACTS, ask_fact, say_fact
 
@@ -311,18 +311,20 @@ def sft_eval(model, # a MiniMind model
 # %% ../nbs/05_sft.ipynb #1ee58f36
 SFT_STEPS = 300  # default budget without --steps or --epochs: 1.2 epochs of TinyWorld at 2 rows of 512
 
-def add_sft_args(p:argparse.ArgumentParser):
-    "The `sft` stage's flags."
-    p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/pretrain/model)")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="SFT JSONL files of {'conversations'} records (default: RUN_DIR/data/sft.jsonl)")
-    p.add_argument("--val-data", type=Path, default=None,
-                   help="held-out JSONL file (default: TinyWorld's sft_val.jsonl without --data, none with it)")
-    p.add_argument("--seq-len", type=int, default=512, help="inputs per training row; a conversation may have seq-len + 1 tokens")
+def add_conversation_args(p:argparse.ArgumentParser):
+    "The flags of a stage that trains on conversations (SFT, distillation): the files, the held-out file, the rows."
+    add_data_flags(p, "SFT JSONL files of {'conversations'} records", "sft.jsonl", "sft_val.jsonl")
+    p.add_argument("--seq-len", type=number(int, low=2), default=512,
+                   help="inputs per training row; a conversation may have seq-len + 1 tokens")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="pack whole conversations into rows (best fit); --no-pack pads one conversation per row")
     p.add_argument("--too-long", choices=TOO_LONG, default="raise",
                    help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
+
+def add_sft_args(p:argparse.ArgumentParser):
+    "The `sft` stage's flags."
+    p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/pretrain/model)")
+    add_conversation_args(p)
     add_engine_args(p, SFT_STEPS, micro_batch=2, lr=2e-3, warmup=10, eval_batches=16)
     p.add_argument("--eval-graded", type=int, default=200, help="held-out replies graded by exact match before and after (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of a graded reply")
@@ -360,6 +362,7 @@ def run_sft(args:argparse.Namespace, # the `sft` stage's flags, inputs resolved
     return numbers
 
 SFT = register(Stage("sft", "supervised fine-tuning on conversations (loss on assistant replies only)", add_sft_args, run_sft,
-                     reads=(Input("init", PRETRAIN, "model", check=model_problem), Input("data", DATA, "sft.jsonl", many=True, check=partial(jsonl_problem, kind="sft")),
-                            Input("val_data", DATA, "sft_val.jsonl", unless="data", check=partial(jsonl_problem, kind="sft"))), writes=("model",), distributed=True,
+                     reads=(Input("init", PRETRAIN, "model", check=model_problem),
+                            *data_inputs("sft.jsonl", "sft_val.jsonl", partial(jsonl_problem, kind="sft"))),
+                     writes=("model",), distributed=True,
                      quick=SFT_QUICK_ARGS))

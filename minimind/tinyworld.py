@@ -10,16 +10,17 @@ __all__ = ['PLOTS', 'ITEMS', 'IDENTITY_Q', 'IDENTITY_A', 'ASSISTANT_NAME', 'LORA
            'sum_sentence', 'sums_doc', 'pretrain_record', 'identity_qa', 'fact_qa', 'sum_qa', 'story_qa', 'sft_record',
            'identity_record', 'dpo_record', 'add_trace', 'sub_trace', 'arith_problem', 'count_problem',
            'compare_problem', 'sort_problem', 'word_problem', 'think', 'problem', 'reason_record', 'rl_record',
-           'make_tinyworld', 'tinyworld', 'add_data_args', 'run_data']
+           'make_tinyworld', 'tinyworld', 'add_data_args', 'run_data', 'add_data_flags', 'data_inputs']
 
 # %% ../nbs/00c_tinyworld.ipynb #b3a42783
 import argparse
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 from .data import ANSWER, END_ANSWER, END_THINK, THINK, atomic_dir, cache_dir, validate_file, write_jsonl
-from .runs import Stage, code_hash, register
+from .runs import Input, Stage, code_hash, register
 from .world import (ANIMALS, CREATURES, FACT_TEMPLATES, FACTS, FOODS, HOBBIES, MOUNTAINS, RIVERS, THINGS, TOWNS,
                             ask_fact, capitalize, describe, en_count, en_num, fix_articles, operands, sample, say_fact,
                             zh_count, zh_num)
@@ -494,3 +495,21 @@ def run_data(args:argparse.Namespace, # the `data` stage's flags, with `run_dir`
 
 DATA = register(Stage("data", "write the TinyWorld dataset (MiniMind JSONL for every stage)", add_data_args, run_data,
                       writes=tuple(f"{stem}.jsonl" for stem in TINYWORLD_KINDS), quick=("--scale", "0.1")))
+
+# %% ../nbs/00c_tinyworld.ipynb #58e76983
+def add_data_flags(p:argparse.ArgumentParser, # a stage's parser
+                   records:str, # what the files hold, for --help, e.g. "SFT JSONL files of {'conversations'} records"
+                   train:str, val:str, # TinyWorld's files trained on and held out by default
+                   many:bool=True, # --data takes several files
+                  ):
+    "A stage's --data and --val-data flags."
+    p.add_argument("--data", type=Path, nargs="+" if many else None, default=None, help=f"{records} (default: RUN_DIR/data/{train})")
+    p.add_argument("--val-data", type=Path, default=None, help=f"held-out file (default: TinyWorld's {val} without --data, none with it)")
+
+def data_inputs(train:str, val:str, # TinyWorld's files trained on and held out by default
+                check:Callable, # what a file given by flag must pass (`Input.check`)
+                val_check:Callable|None=None, # ... a held-out file (default: `check`)
+                many:bool=True, # --data takes several files
+               )->tuple[Input, Input]: # for the stage's `reads`
+    "The `Input`s of --data and --val-data: the data stage's files unless given, the held-out one only with the default data."
+    return Input("data", DATA, train, many=many, check=check), Input("val_data", DATA, val, unless="data", check=val_check or check)
