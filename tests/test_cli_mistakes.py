@@ -31,7 +31,8 @@ def snapshot(folder):
 CASES = {  # name: (arguments, a piece of the error line); "{d}" is the folder of the files above
     "unknown stage": (["distil"], "invalid choice: 'distil'"),
     "unknown preset": (["pretrain", "--preset", "tinyy"], "invalid choice: 'tinyy'"),
-    "a number that is not one": (["pretrain", "--steps", "ten"], "invalid int value: 'ten'"),
+    "a number that is not one": (["pretrain", "--steps", "ten"], "expected an integer, got 'ten'"),
+    "a number out of range": (["sft", "--lr", "-1"], "expected > 0"),
     "unknown stage to force": (["--force", "lorra"], "invalid choice: 'lorra'"),
     "missing data file": (["pretrain", "--data", "{d}/nope.jsonl", "--tokenizer", "{d}/run/tokenizer"], "no such file"),
     "empty data file": (["pretrain", "--data", "{d}/empty.jsonl", "--tokenizer", "{d}/run/tokenizer"], "empty file"),

@@ -15,6 +15,8 @@ from torch import nn
 from minimind.engine import (GlobalBatchSampler, Trainer, TrainConfig, causal_lm_loss, latest_checkpoint,
                              load_checkpoint, param_groups)
 
+from minimind.runs import RunError
+
 from conftest import micro, run_cli
 
 TESTS = Path(__file__).parent
@@ -58,16 +60,27 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in lines] == list(range(1, 9))  # one record per step, none duplicated
     assert [r["loss"] for r in lines] == [r["loss"] for r in straight.history]
 
-def test_a_new_run_in_a_used_folder_starts_fresh(tmp_path, capsys):
+def stamps(folder):
+    return {p.name: p.stat().st_mtime_ns for p in sorted(Path(folder).glob("*.pt"))}
+
+def test_a_run_in_a_used_folder_continues_it_and_deletes_nothing(tmp_path, capsys):
+    "By default (`resume='auto'`) a run finds its folder's checkpoint and continues; nothing is removed or rewritten."
     first = train(tmp_path, 4, save_every=2)
-    assert len(list((tmp_path/"checkpoints").glob("*.pt"))) == 2
-    again = train(tmp_path, 4, save_every=2)  # no resume: the earlier run's checkpoints and metrics are replaced
-    assert "removed 2 checkpoint(s) of an earlier run" in capsys.readouterr().out
-    assert len((tmp_path/"metrics.jsonl").read_text().splitlines()) == 4
+    before = stamps(tmp_path/"checkpoints")
+    assert len(before) == 2
+    again = train(tmp_path, 4, save_every=2)
+    assert "resumed from" in capsys.readouterr().out and stamps(tmp_path/"checkpoints") == before
     for p, q in zip(first.params, again.params): assert torch.equal(p, q)
+    assert len((tmp_path/"metrics.jsonl").read_text().splitlines()) == 4
+
+def test_a_new_run_refuses_a_folder_that_holds_checkpoints(tmp_path):
+    train(tmp_path, 4, save_every=2)
+    before = stamps(tmp_path/"checkpoints")
+    with pytest.raises(RunError, match="--overwrite"): train(tmp_path, 4, resume=False)
+    assert stamps(tmp_path/"checkpoints") == before
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"): train(tmp_path, 2, resume=True)
+    with pytest.raises(RunError, match="no checkpoint"): train(tmp_path, 2, resume=True)
 
 def test_resume_with_another_global_batch_says_what_it_does(tmp_path, capsys):
     train(tmp_path, 6, stop_at=2)

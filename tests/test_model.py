@@ -1,7 +1,5 @@
 "Tests of minimind.model: attention, RoPE/YaRN, config loading, upstream names and sizes, the loss."
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -205,17 +203,19 @@ def test_left_padding_matches_unpadded():
         torch.testing.assert_close(m(padded, attention_mask=mask).logits[:, 4:], m(ids).logits, atol=1e-5, rtol=1e-4)
 
 
-def test_moe_layers_built_lazily_and_aux_summed(monkeypatch):
-    "With use_moe the block imports minimind.moe.MoEFeedForward when built, and the model sums its aux losses."
+def test_moe_layers_built_by_the_block_and_aux_summed(monkeypatch):
+    "With use_moe the block builds chapter 03's layer (handing it this chapter's experts), and the model sums its aux losses."
+    import minimind.model
     class FakeMoE(torch.nn.Module):
-        def __init__(self, config):
+        def __init__(self, config, expert, linear):
             super().__init__()
+            assert isinstance(expert(8), minimind.model.FeedForward) and linear is minimind.model.Linear
             self.experts = torch.nn.ModuleList([torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
                                                 for _ in range(config.n_routed_experts)])
         def forward(self, x):
             self.aux_loss = x.new_tensor(0.25)
             return self.experts[0](x)
-    monkeypatch.setitem(sys.modules, "minimind.moe", types.SimpleNamespace(MoEFeedForward=FakeMoE))
+    monkeypatch.setattr(minimind.model, "MoEFeedForward", FakeMoE)
     m = MiniMindForCausalLM(MiniMindConfig.from_preset("micro", use_moe=True, n_routed_experts=4, num_experts_per_tok=1))
     out = m(torch.randint(0, 512, (1, 5)))
     assert out.aux_loss.item() == pytest.approx(0.25 * 2)
