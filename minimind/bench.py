@@ -121,10 +121,12 @@ def pretrain_tinyworld(model:MiniMindForCausalLM, # the model to train, in place
                        out_dir:Path, # the run's folder (checkpoint, metrics.jsonl)
                        steps:int, batch:int, seq_len:int, lr:float, seed:int, # as in `tinyworld_lm`
                        verbose:bool=True, # show the engine's progress bar and messages
+                       resume:bool=False, # continue the interrupted run in `out_dir` from its latest checkpoint
                       )->Path: # the final checkpoint
     "Train `model` on TinyWorld's `pretrain.jsonl` with the engine, as the pretrain stage does (no held-out evaluation)."
     data = PackedDataset(build_token_file(tinyworld()/"pretrain.jsonl", tinyworld_tok()), seq_len)
-    cfg = TrainConfig(out_dir=out_dir, steps=steps, micro_batch=batch, lr=lr, seed=seed, keep=1, progress=verbose)
+    cfg = TrainConfig(out_dir=out_dir, steps=steps, micro_batch=batch, lr=lr, seed=seed, save_every=100, keep=1,
+                      resume=resume, progress=verbose)
     with nullcontext() if verbose else redirect_stdout(io.StringIO()):  # the engine's closing line too (keeps --json clean)
         return Trainer(model, data, causal_lm_loss, cfg).fit()["checkpoint"]
 
@@ -136,12 +138,15 @@ def tinyworld_lm(preset:str="tiny", # model preset
                  seed:int=0, # initialisation and data order
                  verbose:bool=True, # show the engine's progress bar and messages
                 )->MiniMindForCausalLM: # trained, on the CPU, eval mode
-    "A small model pretrained on TinyWorld by the engine; its run folder under `cache_dir()` caches it for the next call."
+    "A small model pretrained on TinyWorld by the engine; its run folder under `cache_dir()` caches it (and resumes it)."
     out = cache_dir()/"tinyworld-lm"/f"{preset}-steps{steps}-b{batch}-t{seq_len}-lr{lr:g}-seed{seed}"
     torch.manual_seed(seed)
     model = MiniMindForCausalLM(MiniMindConfig.from_preset(preset, vocab_size=len(tinyworld_tok())))
-    ckpt = latest_checkpoint(out/"checkpoints") or pretrain_tinyworld(model, out, steps, batch, seq_len, lr, seed, verbose)
-    model.load_state_dict(load_checkpoint(ckpt)["model"])  # the same weights whether trained now or before
+    ckpt = latest_checkpoint(out/"checkpoints")
+    state = load_checkpoint(ckpt) if ckpt else {"step": 0}
+    if state["step"] < steps:  # not trained yet, or interrupted: train, or resume where it stopped
+        state = load_checkpoint(pretrain_tinyworld(model, out, steps, batch, seq_len, lr, seed, verbose, resume=ckpt is not None))
+    model.load_state_dict(state["model"])  # the same weights whether trained now or before
     return model.cpu().eval()
 
 # %% ../nbs/95_bench.ipynb #efcf0ec6

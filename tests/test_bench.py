@@ -13,11 +13,11 @@ SMALL = dict(preset="micro", steps=3, batch=2, seq_len=16, verbose=False)
 def test_tinyworld_lm_trains_once_with_the_engine_then_loads_its_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "cache_dir", lambda: tmp_path)  # only the model's run folder; data and tokenizer are shared
     fits, fit = [], Trainer.fit
-    monkeypatch.setattr(Trainer, "fit", lambda self: fits.append(self.total) or fit(self))
+    monkeypatch.setattr(Trainer, "fit", lambda self: fits.append((self.step, self.total)) or fit(self))
     first = bench.tinyworld_lm(**SMALL)
-    assert fits == [3] and list(tmp_path.glob("tinyworld-lm/*/metrics.jsonl"))  # the engine ran 3 steps, under cache_dir()
+    assert fits == [(0, 3)] and list(tmp_path.glob("tinyworld-lm/*/metrics.jsonl"))  # the engine ran 3 steps, under cache_dir()
     again = bench.tinyworld_lm(**SMALL)
-    assert fits == [3]  # not trained again
+    assert fits == [(0, 3)]  # not trained again
     for (k, a), b in zip(first.state_dict().items(), again.state_dict().values()): assert torch.equal(a, b), k
     assert not again.training and next(again.parameters()).device.type == "cpu"
     fresh = bench.MiniMindForCausalLM(again.config)
@@ -41,3 +41,17 @@ def test_each_subcommand_has_a_description_and_help_for_every_flag(name, capsys)
     parser = bench.argparse.ArgumentParser()
     bench.SUBCOMMANDS[name][2](parser)
     assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+
+
+def test_tinyworld_lm_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "cache_dir", lambda: tmp_path)
+    out, tok = tmp_path/"tinyworld-lm"/"micro-steps3-b2-t16-lr0.002-seed0", bench.tinyworld_tok()  # the folder of SMALL
+    data = PackedDataset(build_token_file(tinyworld()/"pretrain.jsonl", tok), 16)
+    model = bench.MiniMindForCausalLM(bench.MiniMindConfig.from_preset("micro", vocab_size=len(tok)))
+    Trainer(model, data, bench.causal_lm_loss,  # a run of SMALL that stopped after step 2, with a checkpoint
+            bench.TrainConfig(out_dir=out, steps=3, stop_at=2, micro_batch=2, lr=2e-3, progress=False)).fit()
+    fits, fit = [], Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: fits.append(self.step) or fit(self))
+    bench.tinyworld_lm(**SMALL)
+    assert fits == [2]  # continued from the checkpoint of step 2, not from scratch
+    assert bench.load_checkpoint(bench.latest_checkpoint(out/"checkpoints"))["step"] == 3
