@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import minimind.bench as bench
-from minimind.data import tinyworld
+from minimind.tinyworld import tinyworld
 from minimind.engine import Trainer
+from minimind.generate import generate
 from minimind.shards import PackedDataset, build_token_file
 
 SMALL = dict(preset="micro", steps=3, batch=2, seq_len=16, verbose=False)
@@ -55,3 +56,40 @@ def test_tinyworld_lm_resumes_an_interrupted_run(tmp_path, monkeypatch):
     bench.tinyworld_lm(**SMALL)
     assert fits == [2]  # continued from the checkpoint of step 2, not from scratch
     assert bench.load_checkpoint(bench.latest_checkpoint(out/"checkpoints"))["step"] == 3
+
+
+def test_decode_report_stays_within_its_bound_and_compares_with_transformers(capsys):
+    pytest.importorskip("transformers")
+    r = bench.main(["decode", "--preset", "micro", "--batch", "1", "4", "--rounds", "2", "--new-tokens", "4"])
+    assert [x["batch"] for x in r["rows"]] == [1, 4]
+    assert all(0 < x["fp32_of_bound"] <= 1 for x in r["rows"]), r["rows"]  # the bound bounds the engine at every batch
+    assert all(x["peer_tok_s"] > 0 and x["fp32_vs_peer"] > 0 for x in r["rows"])
+    out = capsys.readouterr().out
+    assert "| fp32 / transformers |" in out and f"transformers {r['peer']}" in out
+
+
+def test_decode_report_without_the_peer_says_so(capsys):
+    r = bench.main(["decode", "--preset", "micro", "--batch", "2", "--rounds", "1", "--new-tokens", "2", "--no-peer"])
+    assert r["peer"] is None and "peer_tok_s" not in r["rows"][0]
+    assert "transformers" not in capsys.readouterr().out.splitlines()[0]  # no column
+
+
+def test_the_bound_times_the_products_a_step_does_both_ways():
+    model = bench.MiniMindForCausalLM(bench.MiniMindConfig.from_preset("micro")).eval()
+    flat, stacked = bench.linear_weights(model), bench.stacked_weights(model)
+    assert sum(w.numel() for w in flat) == sum(w.numel() for w in stacked)  # the same weights, fewer products
+    x = torch.randn(3, model.config.hidden_size)
+    attn = model.model.layers[0].self_attn
+    qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    assert any(w.shape[0] == qkv.shape[-1] and torch.allclose(bench.linear(x, w), qkv, atol=1e-6) for w in stacked)
+    with pytest.raises(ValueError, match="MoE"): bench.decode_report("tiny-moe")
+
+
+def test_the_peer_is_timed_over_the_same_steps_as_ours(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = bench.MiniMindForCausalLM(bench.MiniMindConfig.from_preset("micro")).eval()
+    hf, prompt, clock = bench.transformers_peer(model, tmp_path), bench.random_prompt(512, 2, 5), bench.StepClock()
+    with torch.inference_mode():
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, do_sample=False, streamer=clock)
+    assert len(clock.times) == 1 + 7  # the prompt, then one per step: times[1:] span the 6 steps after the first token
+    assert torch.equal(out[:, 5:], generate(model, prompt, max_new_tokens=7, stop_ids=[])[:, 5:])  # the same model
