@@ -402,6 +402,7 @@ def save(self:Trainer)->Path|None: # the checkpoint file (None on ranks other th
 def _say(self:Trainer, msg:str):
     if self.is_main: tqdm.write(msg)
 
+# %% ../nbs/04b_engine.ipynb #2b243fec
 @patch
 def _resuming(self:Trainer)->bool:
     "Whether this run continues one: `resume` set, or `auto` and the folder holds a checkpoint (rank 0 decides for all)."
@@ -482,6 +483,7 @@ def _peak_flops(self:Trainer)->float|None: # per-device FLOP/s (None on ranks ot
     self._peak = max(self._peak or 0.0, measure_peak_flops(self.device, self.dtype, 0.05 if self._peak else 0.3))
     return self._peak
 
+# %% ../nbs/04b_engine.ipynb #a1e59c19
 @patch
 def fit(self:Trainer)->dict: # the last train and held-out numbers, with the run's files
     "Train to `steps` (or `stop_at`), logging, evaluating and checkpointing on the way."

@@ -12,12 +12,12 @@ __all__ = ['WEIGHT_FILES', 'WRAPPER_PREFIXES', 'HF_ARCHITECTURES', 'HF_FIELDS', 
 
 # %% ../nbs/02c_weights.ipynb #201fb3fb
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data import atomic_write
 from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 
 # %% ../nbs/02c_weights.ipynb #c967d7dc
@@ -66,12 +66,8 @@ def save_pth(model:MiniMindForCausalLM, # the model to save
              dtype:torch.dtype=torch.float16, # upstream saves fp16
             )->Path: # the file
     "Save the weights as upstream's trainers do (`torch.save` of a name -> tensor dict, fp16), atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the old file intact
-    return path
+    return atomic_write(path, lambda f: torch.save(sd, f))  # a crash mid-write leaves the old file intact
 
 # %% ../nbs/02c_weights.ipynb #2dae286c
 class WeightsError(ValueError):

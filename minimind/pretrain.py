@@ -62,6 +62,7 @@ def add_engine_args(p:argparse.ArgumentParser, # a stage's parser
     g.add_argument("--peak-flops", type=number(float, above=0), default=None, help="per-device peak FLOP/s for MFU (default: measured)")
     p.set_defaults(default_steps=steps)  # the budget without --steps and --epochs, for `engine_config`
 
+# %% ../nbs/04c_pretrain.ipynb #4b99efd2
 def engine_config(args:argparse.Namespace, # parsed flags of `add_engine_args`
                   out_dir:str|Path, # the run's folder
                  )->TrainConfig:

@@ -404,7 +404,7 @@ def require(stage:Stage|str, # a stage, or the name of a registered one
         if why != "not done" and not redo_stale:
             raise RunError(f"{stage.name} in {run_dir} cannot be used: {why}; run it again with "
                            f"`python -m minimind.train {stage.name} --overwrite --run-dir {run_dir}`")
-        say(f"{stage.name}{f' (needed by {needed_by})' if needed_by else ''}: {why} in {run_dir}, running it")
+        say(f"{stage.name}{f' (needed by {needed_by})' if needed_by else ''}: {why}; running it in {run_dir}")
         args = stage_args(stage, run_dir, ["--overwrite"] if why != "not done" else [], quick=quick)
         run_stage(stage, args, quick, redo_stale)
     return run_dir/stage.name
