@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import cache_dir
+from .data import cache_dir, short_path
 from .engine import (Trainer, TrainConfig, causal_lm_loss, flops_per_token, latest_checkpoint, load_checkpoint,
                              measure_peak_flops)
 from .generate import generate_tokens
@@ -174,12 +174,11 @@ def pretrain_tinyworld(model:MiniMindForCausalLM, # the model to train, in place
                        out_dir:Path, # the run's folder (checkpoint, metrics.jsonl)
                        steps:int, batch:int, seq_len:int, lr:float, seed:int, # as in `tinyworld_lm`
                        verbose:bool=True, # show the engine's progress bar and messages
-                       resume:bool=False, # continue the interrupted run in `out_dir` from its latest checkpoint
                       )->Path: # the final checkpoint
     "Train `model` on TinyWorld's `pretrain.jsonl` with the engine, as the pretrain stage does (no held-out evaluation)."
     data = PackedDataset(build_token_file(tinyworld()/"pretrain.jsonl", tinyworld_tok()), seq_len)
     cfg = TrainConfig(out_dir=out_dir, steps=steps, micro_batch=batch, lr=lr, seed=seed, save_every=100, keep=1,
-                      resume=resume, progress=verbose)
+                      progress=verbose)  # resume="auto": an interrupted run in `out_dir` continues
     with nullcontext() if verbose else redirect_stdout(io.StringIO()):  # the engine's closing line too (keeps --json clean)
         return Trainer(model, data, causal_lm_loss, cfg).fit()["checkpoint"]
 
@@ -197,9 +196,8 @@ def tinyworld_lm(preset:str="tiny", # model preset
     model = MiniMindForCausalLM(MiniMindConfig.from_preset(preset, vocab_size=len(tinyworld_tok())))
     ckpt = latest_checkpoint(out/"checkpoints")
     state = load_checkpoint(ckpt) if ckpt else {"step": 0}
-    if state["step"] < steps:  # not trained yet, or interrupted: train, or resume where it stopped
-        state = load_checkpoint(pretrain_tinyworld(model, out, steps, batch, seq_len, lr, seed, verbose, resume=ckpt is not None))
-    model.load_state_dict(state["model"])  # the same weights whether trained now or before
+    if state["step"] < steps: pretrain_tinyworld(model, out, steps, batch, seq_len, lr, seed, verbose)  # trains, or resumes
+    else: model.load_state_dict(state["model"])  # trained before: the same weights
     return model.cpu().eval()
 
 # %% ../nbs/95_bench.ipynb #efcf0ec6
@@ -222,12 +220,12 @@ def decode_report(preset:str="minimind2-small", # a dense model preset (random w
     fp32 = MiniMindForCausalLM(config).eval()
     loops = {"fp32": partial(decode_step_seconds, fp32)}
     if int8: loops["int8"] = partial(decode_step_seconds, quantize_model(copy.deepcopy(fp32)))
-    weights, rows = linear_weights(fp32), []
+    weights, stacked, rows = linear_weights(fp32), stacked_weights(fp32), []
     with tempfile.TemporaryDirectory() as tmp:
         hf = transformers_peer(fp32, tmp) if peer else None
         if hf is not None: loops["transformers"] = partial(peer_step_seconds, hf)
         for B in batches:
-            t = measure_decode(loops, B, [weights, stacked_weights(fp32)], rounds, n_new)
+            t = measure_decode(loops, B, [weights, stacked], rounds, n_new)
             row = {"batch": B, "bound_tok_s": B / t["bound"], "fp32_tok_s": B / t["fp32"], "fp32_of_bound": t["bound"] / t["fp32"]}
             if int8: row |= {"int8_tok_s": B / t["int8"], "int8_speedup": t["fp32"] / t["int8"]}
             if hf is not None: row |= {"peer_tok_s": B / t["transformers"], "fp32_vs_peer": t["transformers"] / t["fp32"]}
@@ -301,7 +299,7 @@ def load_upstream(upstream_dir, # a clone of github.com/jingyaogong/minimind
     transformers.logging.set_verbosity_error()  # "past_key_values is deprecated" on every upstream forward
     warnings.filterwarnings("ignore", ".*rope_scaling", FutureWarning)  # upstream's config sets `rope_scaling`
     path = Path(upstream_dir)/"model"/"model_minimind.py"
-    if not path.exists(): raise FileNotFoundError(f"{path} not found: --upstream takes a clone of jingyaogong/minimind")
+    if not path.exists(): raise FileNotFoundError(f"{short_path(path)} not found: --upstream takes a clone of jingyaogong/minimind")
     spec = importlib.util.spec_from_file_location("upstream_model_minimind", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

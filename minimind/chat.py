@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from fastcore.basics import patch
 
-from .data import ANSWER, END_ANSWER, END_THINK, THINK
+from .data import ANSWER, END_ANSWER, END_THINK, THINK, short_path
 from .generate import held_back, stream
 from .hub import WEIGHT_FILES, load_model
 from .model import MiniMindForCausalLM
@@ -39,18 +39,18 @@ def resolve_model(spec:str|Path, # a model folder, a stage folder, a run folder 
                  )->tuple[Path, str|None]: # the model folder (or .pth file), and its stage when known
     "Find the model that `spec` points at."
     p = Path(spec).expanduser()
-    if not p.exists(): raise FileNotFoundError(f"{p}: no such file or folder (expected a model folder, a run folder or a .pth file)")
+    if not p.exists(): raise FileNotFoundError(f"{short_path(p)}: no such file or folder (expected a model folder, a run folder or a .pth file)")
     if p.is_file(): return p, None
     if stage is not None:
         d = p/stage/"model"
-        if not _is_model_dir(d): raise FileNotFoundError(f"{p}: stage {stage!r} has no model ({d} has no config.json and weights)")
+        if not _is_model_dir(d): raise FileNotFoundError(f"{short_path(p)}: stage {stage!r} has no model ({short_path(d)} has no config.json and weights)")
         return d, stage
     if _is_model_dir(p): return p, p.parent.name if p.name == "model" and p.parent.name in MODEL_STAGES else None
     if _is_model_dir(p/"model"): return p/"model", p.name if p.name in MODEL_STAGES else None
     for s in CHAT_LINE:
         if (p/s/"done.json").is_file() and _is_model_dir(p/s/"model"): return p/s/"model", s
     others = [s for s in MODEL_STAGES if (p/s/"done.json").is_file()]
-    raise FileNotFoundError(f"{p}: not a model folder (config.json + weights), a stage folder (model/ inside) or a run "
+    raise FileNotFoundError(f"{short_path(p)}: not a model folder (config.json + weights), a stage folder (model/ inside) or a run "
                             f"folder with a finished chat model ({', '.join(CHAT_LINE)})"
                             + (f"; it has {', '.join(others)}: pick one with --stage" if others else ""))
 
@@ -94,7 +94,7 @@ def load_chat_model(spec:str|Path, # a model folder, stage folder, run folder or
     "Load the model `spec` points at, with its tokenizer."
     path, stage = resolve_model(spec, stage)
     if tokenizer is None and path.is_file():
-        raise ValueError(f"{path}: an upstream checkpoint carries no tokenizer; pass --tokenizer DIR (e.g. upstream's model/ folder)")
+        raise ValueError(f"{short_path(path)}: an upstream checkpoint carries no tokenizer; pass --tokenizer DIR (e.g. upstream's model/ folder)")
     dev = pick_device(device)
     model = load_model(path, preset=preset, device=dev, dtype=pick_dtype(dtype, dev), **overrides)
     tok = MiniMindTokenizer.load(tokenizer or path)
@@ -314,7 +314,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
         for text in args.prompt:
             print_reply(session.send(text), args.think); print()
         return
-    print(f"{cm.name} ({cm.path}); /reset clears the conversation, /think shows or hides think traces, /exit leaves")
+    print(f"{cm.name} ({short_path(cm.path)}); /reset clears the conversation, /think shows or hides think traces, /exit leaves")
     repl(session, args.think)
 
 # %% ../nbs/10_chat.ipynb #e702b7e7

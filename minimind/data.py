@@ -6,8 +6,8 @@ Docs: https://minimind-book.github.io/minimind/data.html.md"""
 
 # %% auto #0
 __all__ = ['ROLES', 'KINDS', 'TAGS', 'THINK', 'END_THINK', 'ANSWER', 'END_ANSWER', 'THINK_RE', 'SNIFF_KEYS', 'cache_dir',
-           'atomic_write', 'atomic_dir', 'write_jsonl', 'validate_record', 'DataError', 'parse_line', 'JsonlReader',
-           'read_jsonl', 'validate_file', 'sniff_kind', 'jsonl_problem']
+           'short_path', 'atomic_write', 'atomic_dir', 'write_jsonl', 'validate_record', 'DataError', 'parse_line',
+           'JsonlReader', 'read_jsonl', 'validate_file', 'sniff_kind', 'jsonl_problem']
 
 # %% ../nbs/00_data.ipynb #b3a10a0f
 import json
@@ -24,6 +24,12 @@ from typing import Callable, Iterator
 def cache_dir()->Path: # the folder for generated data, tokenizers and checkpoints
     "Where minimind keeps files it makes: `$MINIMIND_CACHE`, default `~/.cache/minimind`."
     return Path(os.environ.get("MINIMIND_CACHE", "~/.cache/minimind")).expanduser()
+
+def short_path(path:str|Path|None, # a file or folder (None on ranks that write nothing reads "None")
+              )->str: # `~/...` under the home folder, else the path as given
+    "A path as messages show it: the home folder written `~`, as a shell reads it back."
+    p, home = Path(str(path)), Path.home()
+    return f"~/{p.relative_to(home)}" if p.is_absolute() and p != home and p.is_relative_to(home) else str(p)
 
 # %% ../nbs/00_data.ipynb #1fe7f937
 def atomic_write(path:str|Path, # the file to write
@@ -139,7 +145,7 @@ class DataError(ValueError):
                 ):
         super().__init__(path, line, msg)
         self.path, self.line, self.msg = path, line, msg
-    def __str__(self): return f"{self.path}:{self.line}: {self.msg}"
+    def __str__(self): return f"{short_path(self.path)}:{self.line}: {self.msg}"
 
 def parse_line(raw:bytes, # one line of the file, with or without its newline
                kind:str, # the record kind to validate against
@@ -187,7 +193,7 @@ class JsonlReader:
     def report(self)->str: # one line: counts and the first errors
         "Summarise the skipped lines."
         first = "; ".join(str(e) for e in self.errors)
-        return f"{self.path}: skipped {self.skipped} bad line(s), kept {self.records}. First: {first}"
+        return f"{short_path(self.path)}: skipped {self.skipped} bad line(s), kept {self.records}. First: {first}"
 
 # %% ../nbs/00_data.ipynb #f0844c7b
 def read_jsonl(path, # the JSONL file

@@ -23,7 +23,7 @@ from .engine import Trainer, causal_lm_loss
 from .hub import load_model, model_problem
 from .model import MiniMindConfig, MiniMindForCausalLM
 from .pretrain import add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, register
+from .runs import Input, Stage, dist_context, register, stage_folder
 from .sft import SFT, SFTDataset, add_conversation_args, sft_collate, sft_eval
 from .tinyworld import data_inputs
 from .tokenizer import MiniMindTokenizer
@@ -158,7 +158,7 @@ def run_distill(args:argparse.Namespace, # the `distill` stage's flags, inputs r
     val = SFTDataset(val_records, tok, args.seq_len, pack=False, too_long="skip") if val_records else None
     evaluate = lambda m: sft_eval(m, tok, val_records, args.seq_len, args.eval_graded or None,
                                   max_new_tokens=args.max_new_tokens) if val_records and is_main else {}
-    out, loss = args.out or Path(args.run_dir)/"distill", DistillLoss(teacher, args.alpha, args.temperature, args.kl)
+    out, loss = stage_folder(DISTILL, args), DistillLoss(teacher, args.alpha, args.temperature, args.kl)
     if is_main:
         print(f"distill: teacher {args.teacher} ({teacher.num_parameters() / 1e6:.2f}M parameters), student "
               f"{args.init or args.student_preset} ({student.num_parameters() / 1e6:.2f}M); {loss}\n"

@@ -27,7 +27,7 @@ from .data import DataError, jsonl_problem, read_jsonl, validate_record
 from .engine import Trainer, autocast
 from .hub import load_model, model_problem
 from .pretrain import add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, register
+from .runs import Input, Stage, dist_context, register, stage_folder
 from .sft import IGNORE, SFT, shift_labels, tokenize_conversations
 from .tinyworld import add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
@@ -280,7 +280,7 @@ def run_dpo(args:argparse.Namespace, # the `dpo` stage's flags, inputs resolved
     train_ds = DPODataset(args.data, tok, args.max_len, args.too_long)
     val_ds = DPODataset(args.val_data, tok, args.max_len, args.too_long) if args.val_data else None
     policy, ref = load_model(args.init), freeze(load_model(args.ref or args.init))
-    cfg = engine_config(args, args.out or Path(args.run_dir)/"dpo")
+    cfg = engine_config(args, stage_folder(DPO, args))
     trainer = Trainer(policy, train_ds, DPOLoss(None if args.cache_ref else ref, args.beta), cfg, val_data=val_ds,
                       count=pairs, collate_fn=train_ds.collate)
     if dist_context().is_main:

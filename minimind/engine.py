@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import atomic_write
+from .data import atomic_write, short_path
 from .hub import export_hf
 from .model import linear
 from .runs import Interrupted, RunError, dist_context, shared
@@ -161,14 +161,14 @@ def latest_checkpoint(ckpt_dir:Path, # the run's checkpoint folder
     pointer = Path(ckpt_dir) / LATEST
     if not pointer.exists(): return None
     path = pointer.parent / pointer.read_text().strip()
-    if not path.exists(): raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
+    if not path.exists(): raise FileNotFoundError(f"{short_path(pointer)} names {path.name}, which does not exist")
     return path
 
 def load_checkpoint(path:Path, # a checkpoint file
                    )->dict: # the saved state, tensors on the CPU
     "Load a checkpoint written by `save_checkpoint` (tensors and plain Python values only: `weights_only`)."
     try: return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})"[:500]) from None
+    except Exception as e: raise ValueError(f"{short_path(path)}: not a readable checkpoint ({type(e).__name__}: {e})"[:500]) from None
 
 # %% ../nbs/04b_engine.ipynb #5dbfd5c3
 def rng_state()->dict: # this process's generator states
@@ -413,7 +413,7 @@ def _resuming(self:Trainer)->bool:
 def _fresh_start(self:Trainer):
     "A new run: start a new metrics file. Checkpoints of an earlier run are never deleted here: that takes --overwrite."
     if latest_checkpoint(self.ckpt_dir) is not None:
-        raise RunError(f"{self.ckpt_dir} holds the checkpoints of an earlier run: continue it (resume, the default), "
+        raise RunError(f"{short_path(self.ckpt_dir)} holds the checkpoints of an earlier run: continue it (resume, the default), "
                        "or start over with --overwrite")
     self.metrics_file.write_text("")
 
@@ -422,11 +422,11 @@ def _resume(self:Trainer):
     "Restore weights, optimizer, scaler, random generators, step and data position from a checkpoint."
     cfg = self.cfg
     path = latest_checkpoint(self.ckpt_dir) if cfg.resume in (True, "auto") else Path(cfg.resume)
-    if path is None: raise RunError(f"--resume: no checkpoint in {self.ckpt_dir} (no `{LATEST}` file)")
+    if path is None: raise RunError(f"--resume: no checkpoint in {short_path(self.ckpt_dir)} (no `{LATEST}` file)")
     ck = load_checkpoint(path)
     try: self.model.load_state_dict(ck["model"])
     except RuntimeError as e:
-        raise RunError(f"{path} was written for another model ({str(e).splitlines()[1].strip()[:120]}); "
+        raise RunError(f"{short_path(path)} was written for another model ({str(e).splitlines()[1].strip()[:120]}); "
                        "--overwrite starts this stage over") from None
     self.opt.load_state_dict(ck["optimizer"])
     self.scaler.load_state_dict(ck["scaler"])
@@ -434,7 +434,7 @@ def _resume(self:Trainer):
     if self.source is not None: self.source.load_state_dict(ck["data"])
     rngs, B0, W0 = ck["rng"], ck["global_batch"], ck["world_size"]
     set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
-    msg = [f"resumed from {path} at step {self.step} of {self.total} (epoch {self.epoch}, sample {self.offset})"]
+    msg = [f"resumed from {short_path(path)} at step {self.step} of {self.total} (epoch {self.epoch}, sample {self.offset})"]
     if W0 != self.world: msg.append(f"it was written by {W0} process(es), this run has {self.world}")
     if B0 == self.global_batch: msg.append(f"same global batch ({B0}): the data order continues exactly")
     else:
@@ -503,7 +503,7 @@ def fit(self:Trainer)->dict: # the last train and held-out numbers, with the run
             self._log_evaluate_save(stop, bar)
             if self._stopping():
                 bar.close(); self.save()
-                raise Interrupted(f"{self._stop}: stopped at step {self.step} of {self.total} with a checkpoint ({self.checkpoint})")
+                raise Interrupted(f"{self._stop}: stopped at step {self.step} of {self.total} with a checkpoint ({short_path(self.checkpoint)})")
     bar.close()
     if self._wandb is not None: self._wandb.finish()
     return self._result()
@@ -572,7 +572,7 @@ def _result(self:Trainer)->dict:
     result = {"step": self.step, "tokens": self.tokens, **{k: v for k, v in last("train").items() if k in ("loss", "tokens_per_s", "mfu")},
               **{k: v for k, v in last("val").items() if k.startswith("val_")},
               "checkpoint": self.checkpoint, "metrics": self.metrics_file}
-    self._say(f"stopped at step {self.step} of {self.total}; checkpoint {self.checkpoint}; metrics {self.metrics_file}")
+    self._say(f"stopped at step {self.step} of {self.total}; checkpoint {short_path(self.checkpoint)}; metrics {short_path(self.metrics_file)}")
     return result
 
 # %% ../nbs/04b_engine.ipynb #3c118af2
@@ -583,8 +583,8 @@ def finish(self:Trainer, tok, # the tokenizer, saved beside the model
           )->Path|None: # the exported folder; None before the last step, and on ranks other than 0
     "Say where the run's files are, and export the model when the run is complete."
     if not self.is_main: return None
-    print(f"checkpoints in {self.ckpt_dir}, metrics in {self.metrics_file}")
+    print(f"checkpoints in {short_path(self.ckpt_dir)}, metrics in {short_path(self.metrics_file)}")
     if self.step < self.total: return None
     folder = export_hf(model if model is not None else self.model, self.out/name, tok)
-    print(f"model (Hugging Face format, with the tokenizer) in {folder}")
+    print(f"model (Hugging Face format, with the tokenizer) in {short_path(folder)}")
     return folder

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .chat import add_model_args, load_from_args
-from .data import DataError, cache_dir, read_jsonl, sniff_kind, write_jsonl
+from .data import DataError, cache_dir, read_jsonl, short_path, sniff_kind, write_jsonl
 from .model import MiniMindForCausalLM
 from .reason import read_problems, reasoning_accuracy
 from .runs import Parser, code_hash, number
@@ -88,7 +88,7 @@ def perplexity(model:MiniMindForCausalLM, # the model (eval mode)
     lps = token_logprobs(model, [ids for ids, _ in seqs])
     total = sum(float(lp[torch.tensor(scored[1:], dtype=torch.bool)].sum()) for lp, (_, scored) in zip(lps, seqs))
     n = sum(sum(scored[1:]) for _, scored in seqs)
-    if n == 0: raise ValueError(f"{path}: no tokens to score")
+    if n == 0: raise ValueError(f"{short_path(path)}: no tokens to score")
     return {"ppl": math.exp(-total / n), "ce": -total / n, "tokens": n, "records": len(seqs), "scored": what}
 
 # %% ../nbs/12_eval.ipynb #26c68e16
@@ -305,7 +305,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
         if args.data: files |= {"text": args.data, "chat": None} if args.task == "ppl" else {{"choice": "choices"}.get(args.task, args.task): args.data}
         row = evaluate(model, cm.tokenizer, tasks, files, fmt, args.method, args.limit, args.max_new_tokens)
     except (DataError, FileNotFoundError, ValueError) as e: sys.exit(f"error: {e}")
-    print(f"{name} ({cm.path}), multiple choice as {fmt}\n")
+    print(f"{name} ({short_path(cm.path)}), multiple choice as {fmt}\n")
     print(results_table({name: row}))
     if args.json: args.json.write_text(json.dumps({"model": name, "path": str(cm.path), "format": fmt, **row}, indent=1))
     return row

@@ -27,9 +27,10 @@ from torch import nn
 
 from .engine import Trainer, TrainConfig, autocast
 from .hub import load_model, model_problem
+from .pretrain import add_checkpoint_args, add_optimizer_args
 from .reason import (REASON, add_grading_args, answer_correct, completion_text, extract_answer, grade,
                              problems_problem, read_problems, report_grades, reward, sample_completions, show_change)
-from .runs import Input, Stage, dist_context, register, say
+from .runs import Input, Stage, dist_context, number, register, say, stage_folder
 from .sft import prompt_ids
 from .tinyworld import add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
@@ -297,35 +298,24 @@ def add_grpo_args(p:argparse.ArgumentParser):
     p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/reason/model)")
     add_data_flags(p, "JSONL problems: conversations ending with the assistant placeholder, and the ground truth in 'answer', "
                       "optionally 'difficulty'", "rl.jsonl", "rl_val.jsonl")
-    p.add_argument("--steps", type=int, default=GRPO_ROUNDS, help="rollout rounds")
-    p.add_argument("--prompts", type=int, default=d.prompts, help="problems per round over all processes (a multiple of the processes)")
-    p.add_argument("--group-size", type=int, default=d.group_size, help="completions sampled per problem (G)")
-    p.add_argument("--ppo-steps", type=int, default=d.ppo_steps, help="optimizer steps per round of rollouts (the first is on-policy: ratio 1)")
-    p.add_argument("--micro-batch", type=int, default=16, help="completions per forward/backward pass on each process")
-    p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr x this")
-    p.add_argument("--warmup", type=int, default=0, help="optimizer steps of linear warmup")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 turns clipping off")
-    p.add_argument("--clip-eps", type=float, default=d.clip_eps, help="the ratio pi/pi_old is clipped to [1 - eps, 1 + eps]")
-    p.add_argument("--beta", type=float, default=d.beta, help="weight of the k3 KL penalty to the frozen reference")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of the rollouts")
-    p.add_argument("--format-weight", type=float, default=d.format_weight, help="share of the reward for the think/answer layout")
-    p.add_argument("--partial-weight", type=float, default=d.partial_weight,
+    p.add_argument("--steps", type=number(int, low=1), default=GRPO_ROUNDS, help="rollout rounds")
+    p.add_argument("--prompts", type=number(int, low=1), default=d.prompts, help="problems per round over all processes (a multiple of the processes)")
+    p.add_argument("--group-size", type=number(int, low=2), default=d.group_size, help="completions sampled per problem (G)")
+    p.add_argument("--ppo-steps", type=number(int, low=1), default=d.ppo_steps, help="optimizer steps per round of rollouts (the first is on-policy: ratio 1)")
+    p.add_argument("--clip-eps", type=number(float, above=0), default=d.clip_eps, help="the ratio pi/pi_old is clipped to [1 - eps, 1 + eps]")
+    p.add_argument("--beta", type=number(float, low=0), default=d.beta, help="weight of the k3 KL penalty to the frozen reference")
+    p.add_argument("--temperature", type=number(float, above=0), default=d.temperature, help="sampling temperature of the rollouts")
+    p.add_argument("--format-weight", type=number(float, low=0, high=1), default=d.format_weight, help="share of the reward for the think/answer layout")
+    p.add_argument("--partial-weight", type=number(float, low=0, high=1), default=d.partial_weight,
                    help="a wrong answer earns this times its partial credit (digits / list items right); 0: exact answers only")
-    p.add_argument("--band", type=float, nargs=2, default=list(d.band), metavar=("LOW", "HIGH"),
+    p.add_argument("--band", type=number(float, low=0, high=1), nargs=2, default=list(d.band), metavar=("LOW", "HIGH"),
                    help="curriculum: draw levels whose recent solve rate is strictly between LOW and HIGH")
-    p.add_argument("--window", type=int, default=d.window, help="curriculum: completions remembered per difficulty level")
-    p.add_argument("--explore", type=float, default=d.explore, help="curriculum: share of problems drawn from any level")
+    p.add_argument("--window", type=number(int, low=1), default=d.window, help="curriculum: completions remembered per difficulty level")
+    p.add_argument("--explore", type=number(float, low=0, high=1), default=d.explore, help="curriculum: share of problems drawn from any level")
     add_grading_args(p, 100)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N rounds (0: only at the end)")
-    p.add_argument("--keep", type=int, default=1, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=1, help="rounds between metrics records")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype: auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPUs")
-    p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its latest checkpoint")
-    p.add_argument("--stop-at", type=int, default=None, help="end this run after round N with a checkpoint (resume later)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problem draws and the sampling")
+    g = p.add_argument_group("training engine (chapters 04b, 04c)")
+    add_optimizer_args(g, micro_batch=16, lr=3e-5, warmup=0, weight_decay=0.0, unit="completions")
+    add_checkpoint_args(g, save_every=0, keep=1, log_every=1, per="round")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/grpo)")
 
 GRPO_QUICK_ARGS = ("--steps", "2", "--prompts", "2", "--group-size", "4", "--max-new-tokens", "24", "--micro-batch", "8",
@@ -340,7 +330,7 @@ def grpo_configs(args:argparse.Namespace, # the `grpo` stage's flags
                       temperature=args.temperature, max_new_tokens=args.max_new_tokens, format_weight=args.format_weight,
                       partial_weight=args.partial_weight, window=args.window, band=tuple(args.band), explore=args.explore,
                       gen_batch=args.eval_batch, seed=args.seed)
-    engine = TrainConfig(out_dir=args.out or Path(args.run_dir)/"grpo", steps=args.steps * k, micro_batch=args.micro_batch,
+    engine = TrainConfig(out_dir=stage_folder(GRPO, args), steps=args.steps * k, micro_batch=args.micro_batch,
                          lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
                          betas=(0.9, 0.99), grad_clip=args.grad_clip, dtype=args.dtype, save_every=args.save_every * k,
                          keep=args.keep, log_every=args.log_every * k, seed=args.seed, resume=args.resume,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import atomic_write
+from .data import atomic_write, short_path
 from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 
 # %% ../nbs/02c_weights.ipynb #c967d7dc
@@ -28,11 +28,11 @@ def _read_file(path:Path)->dict:
     "The raw dict stored in one weights file."
     if path.name.endswith(".index.json"):  # shards: {"weight_map": {name: shard file}}
         try: shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e: raise ValueError(f"{path}: not a shard index ({e})") from None
+        except (json.JSONDecodeError, KeyError) as e: raise ValueError(f"{short_path(path)}: not a shard index ({e})") from None
         return {k: v for s in shards for k, v in _read_file(path.parent / s).items()}
     if path.suffix == ".safetensors": return load_file(path)
     try: return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise ValueError(f"{path}: not a PyTorch weights file ({type(e).__name__}: {e})"[:400]) from None
+    except Exception as e: raise ValueError(f"{short_path(path)}: not a PyTorch weights file ({type(e).__name__}: {e})"[:400]) from None
 
 def read_state_dict(source:str|Path, # a .pth/.pt/.bin/.safetensors file, or a directory holding one of WEIGHT_FILES
                    )->dict[str, torch.Tensor]: # name -> tensor, as stored (dtype unchanged)
@@ -40,13 +40,13 @@ def read_state_dict(source:str|Path, # a .pth/.pt/.bin/.safetensors file, or a d
     path = Path(source)
     if path.is_dir():
         found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
-        if not found: raise FileNotFoundError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+        if not found: raise FileNotFoundError(f"{short_path(path)}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
         path = found[0]
-    elif not path.is_file(): raise FileNotFoundError(f"{path}: no such file or directory")
+    elif not path.is_file(): raise FileNotFoundError(f"{short_path(path)}: no such file or directory")
     sd = _read_file(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict): sd = sd["model"]  # a resume file
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a dict of named tensors, got {type(sd).__name__}")
+        raise ValueError(f"{short_path(path)}: expected a dict of named tensors, got {type(sd).__name__}")
     for p in WRAPPER_PREFIXES:
         if all(k.startswith(p) for k in sd): sd = {k[len(p):]: v for k, v in sd.items()}
     return sd
@@ -77,7 +77,7 @@ class WeightsError(ValueError):
                  what:str="the model"): # describes the model, e.g. "preset 'minimind2-small'"
         self.source, self.missing, self.unexpected, self.wrong_shape = source, missing, unexpected, wrong_shape
         def some(xs): return ", ".join(map(str, xs[:8])) + (f", ... ({len(xs) - 8} more)" if len(xs) > 8 else "")
-        lines = [f"{source}: the weights do not fit {what}"]
+        lines = [f"{short_path(source)}: the weights do not fit {what}"]
         if missing: lines.append(f"  missing from the file ({len(missing)}): {some(missing)}")
         if unexpected: lines.append(f"  not in the model ({len(unexpected)}): {some(unexpected)}")
         if wrong_shape: lines.append(f"  wrong shape ({len(wrong_shape)}): "
@@ -120,7 +120,7 @@ def infer_preset(sd:dict, # name -> tensor, e.g. from `read_state_dict`
                                                  "model.layers.0.self_attn.k_proj.weight") if k in sd}
     layers = len({k.split(".")[2] for k in sd if k.startswith("model.layers.")})
     note = f" (not checked, they need minimind.moe: {skipped})" if skipped else ""
-    raise ValueError(f"{source}: {'several presets' if found else 'no preset'} match the tensor shapes "
+    raise ValueError(f"{short_path(source)}: {'several presets' if found else 'no preset'} match the tensor shapes "
                      f"({found or sorted(PRESETS)}{note}); {layers} layers, {shapes}; pass `preset=` or `config=`")
 
 # %% ../nbs/02c_weights.ipynb #8e314df4
@@ -129,7 +129,7 @@ def _hf_config(source:Path)->MiniMindConfig|None:
     path = source / "config.json"
     if not source.is_dir() or not path.is_file(): return None
     try: return hf_to_config(json.loads(path.read_text(encoding="utf-8")), path)
-    except json.JSONDecodeError as e: raise ValueError(f"{path}: invalid JSON ({e})") from None
+    except json.JSONDecodeError as e: raise ValueError(f"{short_path(path)}: invalid JSON ({e})") from None
 
 def _resolve_config(source:Path, preset, config, sd)->tuple[MiniMindConfig, str]:
     "The config to build, and how we got it (for messages)."
@@ -139,7 +139,7 @@ def _resolve_config(source:Path, preset, config, sd)->tuple[MiniMindConfig, str]
     config = _hf_config(source)
     if config is not None: return config, f"{source / 'config.json'}"
     name = infer_preset(sd, source)
-    print(f"{source}: no config given; the tensor shapes match preset {name!r}")
+    print(f"{short_path(source)}: no config given; the tensor shapes match preset {name!r}")
     return MiniMindConfig.from_preset(name), f"preset {name!r} (inferred from the shapes)"
 
 # %% ../nbs/02c_weights.ipynb #9f7c538d
@@ -213,14 +213,14 @@ def hf_to_config(hf:dict, # the contents of a config.json
     layout = hf.get("model_type", "minimind")
     if layout == "minimind": return MiniMindConfig(**hf)
     if layout not in ("llama", "qwen3"):
-        raise ValueError(f"{source}: model_type {layout!r}; minimind reads 'minimind', 'llama' and 'qwen3'")
+        raise ValueError(f"{short_path(source)}: model_type {layout!r}; minimind reads 'minimind', 'llama' and 'qwen3'")
     unsupported = {k: hf[k] for k in ("attention_bias", "mlp_bias", "use_sliding_window") if hf.get(k)}
     if any(t != "full_attention" for t in hf.get("layer_types") or []): unsupported["layer_types"] = hf["layer_types"]
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     if rope.get("partial_rotary_factor", 1.0) != 1.0: unsupported["partial_rotary_factor"] = rope["partial_rotary_factor"]
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "yarn"): unsupported["rope_type"] = kind
-    if unsupported: raise ValueError(f"{source}: MiniMind has no equivalent of {unsupported}")
+    if unsupported: raise ValueError(f"{short_path(source)}: MiniMind has no equivalent of {unsupported}")
     kw = {k: hf[k] for k in HF_FIELDS if hf.get(k) is not None}
     if isinstance(kw.get("eos_token_id"), list): kw["eos_token_id"] = kw["eos_token_id"][0]
     kw["rope_theta"] = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0  # transformers' default

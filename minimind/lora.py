@@ -28,13 +28,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .data import atomic_write, jsonl_problem, read_jsonl
+from .data import atomic_write, jsonl_problem, read_jsonl, short_path
 from .engine import AMP_DTYPES, Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import WeightsError, load_model, model_problem
 from .model import Linear
 from .pretrain import add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, register, say
+from .runs import Input, Stage, dist_context, register, say, stage_folder
 from .sft import SFT, SFTDataset, sft_collate, sft_eval
 from .tinyworld import ASSISTANT_NAME, DATA, IDENTITY_Q, LORA_NAME
 from .tokenizer import MiniMindTokenizer
@@ -199,8 +199,8 @@ def save_lora(model:nn.Module, # a model with adapters (merged or not)
     meta = dict(format="minimind-lora", rank=rank, alpha=alpha, dropout=dropout, dtype=str(dtype).removeprefix("torch."),
                 targets=list(layers), base_config=config.to_dict() if hasattr(config, "to_dict") else None)
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / ADAPTER_WEIGHTS, lambda f: f.write(safetensors_bytes(sd, metadata={"format": "pt"})))
-    atomic_write(path / ADAPTER_CONFIG, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    atomic_write(path / ADAPTER_WEIGHTS, safetensors_bytes(sd, metadata={"format": "pt"}))
+    atomic_write(path / ADAPTER_CONFIG, json.dumps(meta, indent=1) + "\n")
     return path
 
 # %% ../nbs/06_lora.ipynb #cc906464
@@ -208,11 +208,11 @@ def read_lora_config(path:str|Path, # a folder written by `save_lora`
                     )->dict: # the contents of adapter_config.json
     "The settings of a saved adapter, with a clear error for a folder that is not one."
     file = Path(path) / ADAPTER_CONFIG
-    if not file.is_file(): raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG} here (not a LoRA adapter folder)")
+    if not file.is_file(): raise FileNotFoundError(f"{short_path(path)}: no {ADAPTER_CONFIG} here (not a LoRA adapter folder)")
     try: meta = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise ValueError(f"{file}: invalid JSON ({e})") from None
+    except json.JSONDecodeError as e: raise ValueError(f"{short_path(file)}: invalid JSON ({e})") from None
     missing = [k for k in ("rank", "alpha", "targets") if k not in meta]
-    if missing: raise ValueError(f"{file}: missing {', '.join(missing)}")
+    if missing: raise ValueError(f"{short_path(file)}: missing {', '.join(missing)}")
     return meta
 
 def config_differences(saved:dict|None, # the base config an adapter was trained on (`to_dict()` form)
@@ -232,7 +232,7 @@ def load_lora(model:nn.Module, # a plain model (adapters are added) or one with 
     path = Path(path)
     meta = read_lora_config(path)
     diffs = config_differences(meta.get("base_config"), getattr(model, "config", None))
-    if diffs: raise ValueError(f"{path}: the adapter was trained on another base model:\n  " + "\n  ".join(diffs))
+    if diffs: raise ValueError(f"{short_path(path)}: the adapter was trained on another base model:\n  " + "\n  ".join(diffs))
     layers = lora_layers(model)
     if not layers: _wrap(model, meta["targets"], meta["rank"], meta["alpha"], meta.get("dropout", 0.0)); layers = lora_layers(model)
     else:
@@ -243,7 +243,7 @@ def load_lora(model:nn.Module, # a plain model (adapters are added) or one with 
         ranks = {m.rank for m in layers.values()}
         if ranks != {meta["rank"]}: problems.append(f"rank: file {meta['rank']}, model {sorted(ranks)}")
         if any(m.merged for m in layers.values()): problems.append("the model's adapters are merged (unmerge_lora first)")
-        if problems: raise ValueError(f"{path}: the adapter does not fit the model's adapters:\n  " + "\n  ".join(problems))
+        if problems: raise ValueError(f"{short_path(path)}: the adapter does not fit the model's adapters:\n  " + "\n  ".join(problems))
     sd = load_file(path / ADAPTER_WEIGHTS)
     params = {f"{n}.lora_{k}": getattr(m, f"lora_{k}") for n, m in layers.items() for k in "AB"}
     missing, unexpected = [k for k in params if k not in sd], [k for k in sd if k not in params]
@@ -369,7 +369,7 @@ def run_lora(args:argparse.Namespace, # the `lora` stage's flags, inputs resolve
     torch.manual_seed(args.seed)  # the adapters' A matrices
     names = apply_lora(model, args.rank, args.alpha, args.dropout, args.targets)
     n_train, n_all = sum(p.numel() for p in lora_parameters(model)), sum(p.numel() for p in model.parameters())
-    out = args.out or Path(args.run_dir)/"lora"
+    out = stage_folder(LORA, args)
     say(f"lora: rank {args.rank}, alpha {args.alpha} on {len(names)} layers ({args.targets}) of {args.init}: "
         f"{n_train:,} trainable parameters of {n_all:,} ({n_train / n_all:.2%}); train {train}; held-out {val}")
     trainer = Trainer(model.train(), train, causal_lm_loss, engine_config(args, out), val_data=val, collate_fn=sft_collate)
@@ -384,7 +384,7 @@ def run_lora(args:argparse.Namespace, # the `lora` stage's flags, inputs resolve
     if complete and dist_context().is_main:
         adapter = save_lora(model, out/"adapter", AMP_DTYPES[args.adapter_dtype])
         numbers["adapter MB"] = round((adapter/ADAPTER_WEIGHTS).stat().st_size / 1e6, 3)
-        print(f"adapters alone (load with minimind.lora.load_lora onto {args.init}) in {adapter}")
+        print(f"adapters alone (load with minimind.lora.load_lora onto {args.init}) in {short_path(adapter)}")
     trainer.finish(tok, unload_lora(model) if complete else None)  # the merged model
     return numbers
 

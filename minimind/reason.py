@@ -22,13 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ANSWER, END_ANSWER, END_THINK, TAGS, THINK, DataError, jsonl_problem, read_jsonl
+from .data import ANSWER, END_ANSWER, END_THINK, TAGS, THINK, DataError, jsonl_problem, read_jsonl, short_path
 from .dpo import DPO
 from .engine import Trainer
 from .generate import generate, left_pad
 from .hub import load_model, model_problem
 from .pretrain import add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, register
+from .runs import Input, Stage, dist_context, register, stage_folder
 from .sft import TOO_LONG, SFTDataset, prompt_ids, sft_collate
 from .tinyworld import add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
@@ -119,7 +119,7 @@ def problems_problem(path:Path, # a file of problems given to a stage
     "A check before any work: the first record is a `kind` record with a ground-truth `answer` (the rest is read later)."
     if (why := jsonl_problem(path, kind)): return why
     why = _not_a_problem(next(iter(read_jsonl(path, kind))))
-    return f"{path}:1: {why}" if why else None
+    return f"{short_path(path)}:1: {why}" if why else None
 
 # %% ../nbs/09_reasoning.ipynb #0c6dff4a
 @torch.no_grad()
@@ -266,7 +266,7 @@ def run_reason(args:argparse.Namespace, # the `reason` stage's flags, inputs res
     before = grade(model, tok, problems, args) if problems else None
     if is_main: print(f"reason: from {args.init}; train {train}; tag weight {args.tag_weight}; held-out {len(problems)} problems")
     loss = partial(reason_loss, tag_ids=tok.tag_ids, tag_weight=args.tag_weight)
-    trainer = Trainer(model.train(), train, loss, engine_config(args, args.out or Path(args.run_dir)/"reason"),
+    trainer = Trainer(model.train(), train, loss, engine_config(args, stage_folder(REASON, args)),
                       val_data=val, collate_fn=sft_collate)
     result = trainer.fit()
     last = next((r for r in reversed(trainer.history) if r["split"] == "train"), {})  # (empty on ranks other than 0)

@@ -35,6 +35,7 @@ from fastcore.basics import patch
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ChatModel, ThinkSplitter, add_model_args, load_from_args, split_think
+from .data import short_path
 from .generate import IncrementalDecoder, StopFilter, generate_tokens
 from .model import fused_projections
 from .runs import Parser, number
@@ -506,7 +507,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
     app = make_app(cm, args.name, limits, args.max_active, args.max_queue, args.api_key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
-    print(f"serving {app.state.name} ({cm.path}) on http://{args.host}:{args.port} (chat page at /, API at /v1)")
+    print(f"serving {app.state.name} ({short_path(cm.path)}) on http://{args.host}:{args.port} (chat page at /, API at /v1)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 # %% ../nbs/11_serve.ipynb #717299af

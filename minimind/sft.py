@@ -28,7 +28,7 @@ from .engine import Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import load_model, model_problem
 from .pretrain import PRETRAIN, add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, number, register
+from .runs import Input, Stage, dist_context, number, register, stage_folder
 from .tinyworld import ASSISTANT_NAME, IDENTITY_A, IDENTITY_Q, add_data_flags, data_inputs
 from .tokenizer import BOS, EOS, MiniMindTokenizer
 from .world import FACT_TEMPLATES, FACTS, ask_fact, say_fact
@@ -348,7 +348,7 @@ def run_sft(args:argparse.Namespace, # the `sft` stage's flags, inputs resolved
                                 max_new_tokens=args.max_new_tokens) if val_records and is_main else {}
     before = evaluate()
     if is_main: print(f"sft: from {args.init}; train {train}; held-out {val}")
-    trainer = Trainer(model.train(), train, causal_lm_loss, engine_config(args, args.out or Path(args.run_dir)/"sft"),
+    trainer = Trainer(model.train(), train, causal_lm_loss, engine_config(args, stage_folder(SFT, args)),
                       val_data=val, collate_fn=sft_collate)
     result = trainer.fit()
     after = evaluate()

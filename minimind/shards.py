@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from .data import DataError, atomic_dir, cache_dir, read_jsonl
+from .data import DataError, atomic_dir, cache_dir, read_jsonl, short_path
 from .model import MiniMindConfig, MiniMindForCausalLM
 from .tinyworld import tinyworld
 from .tokenizer import PAD, MiniMindTokenizer, texts_from_jsonl, tinyworld_tokenizer
@@ -136,7 +136,7 @@ def build_token_file(paths, # one JSONL file of `{"text": ...}` records, or seve
     "Validate and tokenize `paths` once into a cached `uint16` token file (each document followed by id 0)."
     paths, eot = _paths(paths), _check_tokenizer(tokenizer)
     for p in paths:
-        if not p.is_file(): raise FileNotFoundError(f"{p}: no such file")
+        if not p.is_file(): raise FileNotFoundError(f"{short_path(p)}: no such file")
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()/"tokens"
     t0 = time.perf_counter()
     key = token_cache_key(paths, tokenizer)
@@ -181,13 +181,13 @@ class TokenFile:
         path = Path(path)
         folder = path if path.is_dir() else path.parent
         self.path, self.meta_path = folder/"tokens.bin", folder/"meta.json"
-        if not self.meta_path.is_file(): raise FileNotFoundError(f"{folder}: not a token file (no meta.json)")
+        if not self.meta_path.is_file(): raise FileNotFoundError(f"{short_path(folder)}: not a token file (no meta.json)")
         self.meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.meta_path}: format version {self.meta.get('format_version')}, this code reads {FORMAT_VERSION}; rebuild it")
+            raise ValueError(f"{short_path(self.meta_path)}: format version {self.meta.get('format_version')}, this code reads {FORMAT_VERSION}; rebuild it")
         self.n_tokens = int(self.meta["n_tokens"])
         size, want = self.path.stat().st_size, self.n_tokens * np.dtype(DTYPE).itemsize
-        if size != want: raise ValueError(f"{self.path}: {size:,} bytes, expected {want:,} for {self.n_tokens:,} tokens; delete {folder} to rebuild")
+        if size != want: raise ValueError(f"{short_path(self.path)}: {size:,} bytes, expected {want:,} for {self.n_tokens:,} tokens; delete {short_path(folder)} to rebuild")
         self._tokens = self._fd = None
 
     @property
@@ -221,7 +221,7 @@ class PackedDataset(Dataset):
         self.tokens = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
         if seq_len < 1: raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.seq_len = seq_len
-        if len(self) == 0: raise ValueError(f"{self.tokens.path}: {self.tokens.n_tokens} tokens, too few for one row of {seq_len} + 1")
+        if len(self) == 0: raise ValueError(f"{short_path(self.tokens.path)}: {self.tokens.n_tokens} tokens, too few for one row of {seq_len} + 1")
 
     def __len__(self)->int: return (self.tokens.n_tokens - 1) // self.seq_len
 

@@ -19,8 +19,8 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from .data import ANSWER, END_ANSWER, END_THINK, THINK, atomic_dir, cache_dir, validate_file, write_jsonl
-from .runs import Input, Stage, code_hash, register
+from .data import ANSWER, END_ANSWER, END_THINK, THINK, atomic_dir, cache_dir, short_path, validate_file, write_jsonl
+from .runs import Input, Stage, code_hash, register, stage_folder
 from .world import (ANIMALS, CREATURES, FACT_TEMPLATES, FACTS, FOODS, HOBBIES, MOUNTAINS, RIVERS, THINGS, TOWNS,
                             ask_fact, capitalize, describe, en_count, en_num, fix_articles, operands, sample, say_fact,
                             zh_count, zh_num)
@@ -486,11 +486,11 @@ def add_data_args(p:argparse.ArgumentParser):
 def run_data(args:argparse.Namespace, # the `data` stage's flags, with `run_dir`
             )->dict: # numbers for the results table
     "Write TinyWorld into the run folder and validate every file."
-    out = args.out or Path(args.run_dir)/"data"
+    out = stage_folder(DATA, args)
     files = make_tinyworld(out, seed=args.seed, scale=args.scale)
     records = {name: validate_file(path, TINYWORLD_KINDS[name]) for name, path in files.items()}
     mb = sum(p.stat().st_size for p in files.values())/1e6
-    print(f"TinyWorld (seed {args.seed}, scale {args.scale}): {len(files)} files, {mb:.1f} MB in {out}")
+    print(f"TinyWorld (seed {args.seed}, scale {args.scale}): {len(files)} files, {mb:.1f} MB in {short_path(out)}")
     return {"files": len(files), "MB": round(mb, 2), "pretrain docs": records["pretrain"], "sft convs": records["sft"]}
 
 DATA = register(Stage("data", "write the TinyWorld dataset (MiniMind JSONL for every stage)", add_data_args, run_data,

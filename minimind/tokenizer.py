@@ -25,8 +25,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .data import TAGS, atomic_dir, cache_dir, jsonl_problem, read_jsonl, sniff_kind
-from .runs import Input, Stage, code_hash, register
+from .data import TAGS, atomic_dir, cache_dir, jsonl_problem, read_jsonl, short_path, sniff_kind
+from .runs import Input, Stage, code_hash, register, stage_folder
 from .tinyworld import DATA, tinyworld
 
 # %% ../nbs/01_tokenizer.ipynb #21f1fbd9
@@ -201,7 +201,7 @@ def load(cls:MiniMindTokenizer, path:str|Path, # a directory with tokenizer.json
     "Load a tokenizer saved by `save`, by `transformers`, or shipped by upstream MiniMind."
     path = Path(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        if not (path / name).is_file(): raise FileNotFoundError(f"{path}: missing {name} (not a tokenizer directory)")
+        if not (path / name).is_file(): raise FileNotFoundError(f"{short_path(path)}: missing {name} (not a tokenizer directory)")
     try: config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{path / 'tokenizer_config.json'}: invalid JSON ({e})") from e
     template = config.get("chat_template")
@@ -274,11 +274,11 @@ def add_tokenizer_args(p:argparse.ArgumentParser):
 def run_tokenizer(args:argparse.Namespace, # the `tokenizer` stage's flags, inputs resolved
                  )->dict: # numbers for the results table
     "Train the tokenizer on `args.data` and save it in the stage's folder."
-    out = args.out or Path(args.run_dir)/"tokenizer"
+    out = stage_folder(TOKENIZER, args)
     t0 = time.perf_counter()
     tok = train_tokenizer(texts_from_jsonl(args.data), vocab_size=args.vocab_size)
     tok.save(out)
-    print(f"tokenizer: vocab {len(tok)}, trained in {time.perf_counter() - t0:.1f} s on {len(args.data)} file(s), saved to {out}")
+    print(f"tokenizer: vocab {len(tok)}, trained in {time.perf_counter() - t0:.1f} s on {len(args.data)} file(s), saved to {short_path(out)}")
     return {"vocab": len(tok)}
 
 TOKENIZER = register(Stage("tokenizer", "train the byte-level BPE tokenizer (Hugging Face format)", add_tokenizer_args,

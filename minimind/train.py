@@ -18,14 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from .data import DataError, read_jsonl
+from .data import DataError, read_jsonl, short_path
 from .distill import DISTILL
 from .dpo import DPO
 from .grpo import GRPO
 from .lora import LORA
 from .pretrain import PRETRAIN
 from .reason import REASON
-from .runs import Interrupted, Parser, RunError, dist_context, run_stage, stage_args, stage_parser
+from .runs import RUN_DIR, Interrupted, Parser, RunError, dist_context, run_stage, stage_args, stage_parser
 from .sft import SFT
 from .tinyworld import DATA
 from .tokenizer import TOKENIZER
@@ -36,7 +36,7 @@ PIPELINE = (DATA, TOKENIZER, PRETRAIN, SFT, LORA, DPO, DISTILL, REASON, GRPO)  #
 def build_parser()->argparse.ArgumentParser:
     "The `python -m minimind.train` parser: the pipeline's flags, and a sub-command per stage."
     parser = Parser(prog="python -m minimind.train", description="Train MiniMind: one stage, or with no stage the whole pipeline on TinyWorld.")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/tinyworld"),
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR,
                         help="folder for every stage's output; stages read earlier stages' output from it")
     parser.add_argument("--force", choices=[s.name for s in PIPELINE], default=None, metavar="STAGE",
                         help="the whole pipeline: run STAGE and every stage after it again, even when done")
@@ -172,7 +172,7 @@ def finish_pipeline(run_dir:Path, # the run folder
     for line in LINES:
         model_dir = models.get(line) or models.get("chat")  # no reasoning model yet: the chat model takes the problem
         if not (model_dir and chats[line]): continue
-        print(f"\nthe {line} model ({model_dir}) answers:")
+        print(f"\nthe {line} model ({short_path(model_dir)}) answers:")
         for q, a in chat_samples(model_dir, chats[line]):
             print(f"\n> {q}\n{a}")
             samples.append((f"{q} ({model_dir.parent.name})", a))

@@ -111,3 +111,13 @@ def test_an_interrupted_pipeline_run_again_finishes_with_the_same_table(pipeline
     again = run_cli("--quick", "--run-dir", run)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "data: done" in again.stdout and table(again.stdout) == first
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo"])
+def test_every_training_stage_resumes_by_default(name):
+    "The same command after an interrupt continues the run: no training stage needs --resume (or refuses without it)."
+    from minimind.runs import STAGES, stage_parser
+    import minimind.train  # registers every stage
+    args = stage_parser(STAGES[name]).parse_args([])
+    assert args.resume == "auto"
+    assert stage_parser(STAGES[name]).parse_args(["--resume"]).resume is True
