@@ -3,6 +3,7 @@
 Modules:
 
 - `minimind.chat`: `python -m minimind.chat --model RUN_OR_DIR`: a terminal chat that streams tokens, keeps the conversation, shows or hides think traces, and takes sampling flags; the same chat as a notebook widget.
+- `minimind.compute`: How a training step computes on this machine: the autocast dtype, whose matrix products, and the fastest way, timed once on the machine's own model and remembered.
 - `minimind.distill`: A small student learns from a bigger teacher's whole next-token distribution, not only from the one token the data says: soft targets, temperature, forward and reverse KL, and a teacher -> student run on TinyWorld.
 - `minimind.dpo`: From Bradley-Terry to the DPO loss: summed reply log-probabilities under the policy and a frozen reference, cached reference log-probs, preference metrics, and a run on TinyWorld's chosen/rejected pairs.
 - `minimind.engine`: The training loop every stage of the book uses: mixed precision, gradient accumulation, clipping, a warmup + cosine schedule, held-out evaluation, atomic checkpoints with exact resume, and DDP under `torchrun`.

@@ -24,12 +24,13 @@ from fastcore.basics import patch
 from torch import nn
 
 from .data import DataError, jsonl_problem, read_jsonl, validate_record
-from .engine import Trainer, autocast
+from .compute import autocast
+from .engine import Trainer
 from .hub import load_model, model_problem
 from .pretrain import add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, register, stage_folder
-from .sft import IGNORE, SFT, shift_labels, tokenize_conversations
-from .tinyworld import add_data_flags, data_inputs
+from .sft import IGNORE, SFT, sft_eval, shift_labels, tokenize_conversations
+from .tinyworld import DATA, add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
 
 # %% ../nbs/07_dpo.ipynb #f0c01fa5
@@ -188,8 +189,9 @@ class DPOLoss:
     "The engine's DPO loss: the policy's summed reply log-probs against a frozen reference model or cached reference log-probs."
     def __init__(self, ref_model:nn.Module|None=None, # the frozen reference (None: the batches must carry cached "ref_logps")
                  beta:float=0.1, # the DPO temperature (see `dpo_loss`)
+                 sft_weight:float=0.0, # weight of the chosen replies' negative log-likelihood per token (RPO); 0: plain DPO
                 ):
-        self.ref_model, self.beta = (freeze(ref_model) if ref_model is not None else None), beta
+        self.ref_model, self.beta, self.sft_weight = (freeze(ref_model) if ref_model is not None else None), beta, sft_weight
 
     def reference(self, batch:dict, # {"input_ids", "labels"} (2B, T), maybe "ref_logps" (2B,)
                  )->torch.Tensor: # (2B,) the reference's summed log-probs
@@ -208,8 +210,10 @@ class DPOLoss:
         ref = self.reference(batch).to(logps.dtype)
         B = logps.shape[0] // 2
         loss, metrics = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], self.beta)
-        per_token = logps.detach() / (batch["labels"] != IGNORE).sum(-1).clamp(min=1)  # (2B,) mean log-prob per reply token
-        metrics["pref_acc"] = (per_token[:B] > per_token[B:]).float().mean()
+        per_token = logps / (batch["labels"] != IGNORE).sum(-1).clamp(min=1)  # (2B,) mean log-prob per reply token
+        metrics["pref_acc"] = (per_token[:B] > per_token[B:]).detach().float().mean()
+        metrics["chosen_nll"] = -per_token[:B].detach().mean()
+        if self.sft_weight: loss = loss - self.sft_weight * per_token[:B].mean()  # RPO: keep the chosen reply likely
         return loss + aux, metrics
 
 # %% ../nbs/07_dpo.ipynb #89909996
@@ -257,16 +261,21 @@ def add_dpo_args(p:argparse.ArgumentParser, # the `dpo` sub-command's parser
     add_data_flags(p, "DPO JSONL of {'chosen': [...], 'rejected': [...]} records", "dpo.jsonl", "dpo_val.jsonl", many=False)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/dpo)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta: how strongly the policy is held to the reference")
+    p.add_argument("--sft-weight", type=float, default=1.0, help="weight of the chosen replies' log-likelihood (RPO); 0: plain DPO")
     p.add_argument("--cache-ref", action="store_true",
                    help="compute the reference log-probs once before training (pays from about one epoch on) "
                         "instead of a reference forward pass per step")
     p.add_argument("--max-len", type=int, default=256, help="most tokens per side of a pair (prompt + reply)")
+    p.add_argument("--chat-val", type=Path, default=None, help="held-out SFT conversations whose exact-match accuracy "
+                   "must survive alignment (default: TinyWorld's sft_val.jsonl without --data, none with it)")
+    p.add_argument("--eval-graded", type=int, default=200, help="--chat-val replies graded by exact match before and after (0: all)")
     p.add_argument("--too-long", default="raise", choices=TOO_LONG,
                    help="a side longer than --max-len: stop with file:line, or cut it (counted and reported)")
-    add_engine_args(p, DPO_STEPS, micro_batch=8, lr=2e-5, warmup=10, weight_decay=0.0, eval_every=40,
+    add_engine_args(p, DPO_STEPS, micro_batch=8, lr=1e-4, warmup=10, weight_decay=0.0, eval_every=40,
                     eval_batches=0, keep=2, log_every=5, unit="pairs")
 
-DPO_QUICK_ARGS = ("--steps", "4", "--micro-batch", "4", "--eval-every", "2", "--eval-batches", "2", "--log-every", "1")
+DPO_QUICK_ARGS = ("--steps", "4", "--micro-batch", "4", "--eval-every", "2", "--eval-batches", "2", "--log-every", "1",
+                  "--eval-graded", "8")
 
 # %% ../nbs/07_dpo.ipynb #09d434eb
 def _before_after(history:list, key:str)->str|None:
@@ -281,7 +290,7 @@ def run_dpo(args:argparse.Namespace, # the `dpo` stage's flags, inputs resolved
     val_ds = DPODataset(args.val_data, tok, args.max_len, args.too_long) if args.val_data else None
     policy, ref = load_model(args.init), freeze(load_model(args.ref or args.init))
     cfg = engine_config(args, stage_folder(DPO, args))
-    trainer = Trainer(policy, train_ds, DPOLoss(None if args.cache_ref else ref, args.beta), cfg, val_data=val_ds,
+    trainer = Trainer(policy, train_ds, DPOLoss(None if args.cache_ref else ref, args.beta, args.sft_weight), cfg, val_data=val_ds,
                       count=pairs, collate_fn=train_ds.collate)
     if dist_context().is_main:
         print(f"dpo: {policy.num_parameters() / 1e6:.2f}M parameters from {args.init}; {len(train_ds):,} pairs from {args.data}"
@@ -292,14 +301,20 @@ def run_dpo(args:argparse.Namespace, # the `dpo` stage's flags, inputs resolved
         for ds in (train_ds, val_ds):
             if ds is not None: reference_logps(ref, ds, 2 * args.micro_batch, trainer.dtype)
         ref.to("cpu")
+    chats = list(read_jsonl(args.chat_val, "sft")) if args.chat_val and dist_context().is_main else None
+    chat_accuracy = lambda: sft_eval(policy, tok, chats, max_graded=args.eval_graded or None)["accuracy"] if chats else None
+    before = chat_accuracy()
     result = trainer.fit()
     numbers = {"pairs": len(train_ds), "steps": result["step"], "train loss": round(result.get("loss", float("nan")), 3)}
     for key, name in (("val_pref_acc", "val pref acc"), ("val_reward_acc", "val reward acc"), ("val_margin", "val margin")):
         if (ba := _before_after(trainer.history, key)): numbers[name] = ba
+    if chats: numbers["chat accuracy"] = f"{before:.3f} -> {chat_accuracy():.3f}"  # what alignment must not cost
+    if dist_context().is_main: print("dpo: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
     trainer.finish(tok)
     return numbers
 
 DPO = register(Stage("dpo", "direct preference optimisation of the SFT model on chosen/rejected pairs", add_dpo_args, run_dpo,
                      reads=(Input("init", SFT, "model", check=model_problem),
-                            *data_inputs("dpo.jsonl", "dpo_val.jsonl", partial(jsonl_problem, kind="dpo"), many=False)),
+                            *data_inputs("dpo.jsonl", "dpo_val.jsonl", partial(jsonl_problem, kind="dpo"), many=False),
+                            Input("chat_val", DATA, "sft_val.jsonl", unless="data", check=partial(jsonl_problem, kind="sft"))),
                      writes=("model",), distributed=True, quick=DPO_QUICK_ARGS))

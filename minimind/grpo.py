@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .engine import Trainer, TrainConfig, autocast
+from .compute import autocast
+from .engine import Trainer, TrainConfig
 from .hub import load_model, model_problem
 from .pretrain import add_checkpoint_args, add_optimizer_args
 from .reason import (REASON, add_grading_args, answer_correct, completion_text, extract_answer, grade,

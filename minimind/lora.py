@@ -29,7 +29,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .data import atomic_write, jsonl_problem, read_jsonl, short_path
-from .engine import AMP_DTYPES, Trainer, causal_lm_loss
+from .compute import AMP_DTYPES
+from .engine import Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import WeightsError, load_model, model_problem
 from .model import Linear

@@ -7,10 +7,11 @@ Docs: https://minimind-book.github.io/minimind/model.html.md"""
 
 # %% auto #0
 __all__ = ['YARN_DEFAULT', 'CONFIG_DEFAULTS', 'CONFIG_DEFAULTS_V3', 'CONFIG_ALIASES', 'V3_MARKERS', 'HF_META_KEYS', 'ACTIVATIONS',
-           'PRESETS', 'ONEDNN_FP32', 'ffn_width_v2', 'ffn_width_v3', 'MiniMindConfig', 'RMSNorm', 'rope_frequencies',
-           'apply_rope', 'sign_fold', 'yarn_frequencies', 'precompute_rope', 'onednn_mm_t', 'OneDNNLinear', 'linear',
-           'Linear', 'joint_linear', 'Attention', 'FeedForward', 'MiniMindBlock', 'attention_mask_4d', 'MiniMindModel',
-           'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM', 'fuse_linears', 'fused_projections']
+           'PRESETS', 'ONEDNN_AVAILABLE', 'ONEDNN_FP32', 'ffn_width_v2', 'ffn_width_v3', 'MiniMindConfig', 'RMSNorm',
+           'rope_frequencies', 'apply_rope', 'sign_fold', 'yarn_frequencies', 'precompute_rope', 'onednn_products',
+           'onednn_mm_t', 'OneDNNLinear', 'linear', 'Linear', 'joint_linear', 'Attention', 'FeedForward',
+           'MiniMindBlock', 'attention_mask_4d', 'MiniMindModel', 'CausalLMOutput', 'lm_loss', 'MiniMindForCausalLM',
+           'fuse_linears', 'fused_projections']
 
 # %% ../nbs/02_model.ipynb #8bb3e315
 import math
@@ -212,8 +213,16 @@ def precompute_rope(head_dim:int, # channels per head
     return ang.cos() * gain, sign_fold(ang.sin()) * gain
 
 # %% ../nbs/02_model.ipynb #0540fe2f
-ONEDNN_FP32 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-               and torch.backends.cpu.get_cpu_capability() == "AVX512")  # False: PyTorch's default kernels
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_FP32 = ONEDNN_AVAILABLE and torch.backends.cpu.get_cpu_capability() == "AVX512"  # False: PyTorch's default kernels
+
+@contextmanager
+def onednn_products(on:bool): # True: oneDNN (where available); False: PyTorch's default kernels
+    "Within the block, `linear`'s fp32 CPU products are oneDNN's or PyTorch's default ones."
+    global ONEDNN_FP32
+    saved, ONEDNN_FP32 = ONEDNN_FP32, on and ONEDNN_AVAILABLE
+    try: yield
+    finally: ONEDNN_FP32 = saved
 
 def onednn_mm_t(a:torch.Tensor, # (M, K) fp32, on the CPU
                 b:torch.Tensor, # (N, K) fp32, on the CPU

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .data import jsonl_problem
-from .engine import AMP_DTYPES, Trainer, TrainConfig, causal_lm_loss
+from .compute import AMP_DTYPES
+from .engine import Trainer, TrainConfig, causal_lm_loss
 from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from .moe import update_router_bias
 from .runs import Input, Stage, barrier, content_hash, dist_context, number, read_done, register, stage_folder
@@ -46,7 +47,7 @@ def add_checkpoint_args(g, # an argument group of a stage's parser
     g.add_argument("--keep", type=number(int, low=1), default=keep, help="checkpoints to keep")
     g.add_argument("--log-every", type=number(int, low=1), default=log_every, help=f"{per}s between metrics records")
     g.add_argument("--dtype", default="auto", choices=["auto", *AMP_DTYPES],
-                   help="compute dtype: auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPUs")
+                   help="compute dtype: auto = bf16 on GPUs that have it, else fp16; on a CPU the fastest of fp32 and bf16, timed once per machine; fp32 turns bf16 off")
     g.add_argument("--resume", nargs="?", const=True, default="auto", metavar="CHECKPOINT",
                    help="continue from the output folder's latest checkpoint (what an unfinished run does by default), "
                         "or from CHECKPOINT")
@@ -91,7 +92,7 @@ def engine_config(args:argparse.Namespace, # parsed flags of `add_engine_args`
                        wandb=args.wandb)
 
 # %% ../nbs/04c_pretrain.ipynb #48c177b8
-PRETRAIN_STEPS = 240  # default budget without --steps or --epochs: 490k tokens (0.8 epoch), about a quiet CPU minute for `tiny`
+PRETRAIN_STEPS = 600  # default budget without --steps or --epochs: 1.2M tokens, under two epochs of TinyWorld for `tiny`
 
 def add_pretrain_args(p:argparse.ArgumentParser):
     "The `pretrain` stage's flags."

@@ -205,7 +205,7 @@ def reason_loss(model:nn.Module, # the model (possibly DDP-wrapped)
     return loss + out.aux_loss, {"ce": (ce.sum() / n).detach()}
 
 # %% ../nbs/09_reasoning.ipynb #ba09b645
-REASON_STEPS = 300  # default budget of `reason` without --steps or --epochs: 1.4 epochs of reason.jsonl
+REASON_STEPS = 400  # default budget of `reason` without --steps or --epochs: about two epochs of reason.jsonl
 
 def add_grading_args(p:argparse.ArgumentParser, # a stage's parser
                      n:int, # default number of held-out problems graded

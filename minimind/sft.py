@@ -7,8 +7,8 @@ Docs: https://minimind-book.github.io/minimind/sft.html.md"""
 # %% auto #0
 __all__ = ['ASSISTANT_HEADER', 'IGNORE', 'TOO_LONG', 'SFT_STEPS', 'SFT_QUICK_ARGS', 'SFT', 'assistant_spans',
            'ConversationTooLong', 'tokenize_conversations', 'tokenize_conversation', 'prompt_ids', 'shift_labels',
-           'pack_best_fit', 'SFTDataset', 'sft_collate', 'gold_answers', 'graded_turns', 'answer', 'sft_ce', 'sft_eval',
-           'add_conversation_args', 'add_sft_args', 'run_sft']
+           'pack_best_fit', 'SFTDataset', 'sft_collate', 'gold_answers', 'graded_turns', 'story_requests', 'answer',
+           'sft_ce', 'sft_eval', 'add_conversation_args', 'add_sft_args', 'run_sft']
 
 # %% ../nbs/05_sft.ipynb #728f874a
 import argparse
@@ -29,9 +29,9 @@ from .generate import generate_text
 from .hub import load_model, model_problem
 from .pretrain import PRETRAIN, add_engine_args, engine_config
 from .runs import Input, Stage, dist_context, number, register, stage_folder
-from .tinyworld import ASSISTANT_NAME, IDENTITY_A, IDENTITY_Q, add_data_flags, data_inputs
+from .tinyworld import ASSISTANT_NAME, IDENTITY_A, IDENTITY_Q, STORY_Q, add_data_flags, data_inputs
 from .tokenizer import BOS, EOS, MiniMindTokenizer
-from .world import FACT_TEMPLATES, FACTS, ask_fact, say_fact
+from .world import CREATURES, FACT_TEMPLATES, FACTS, ask_fact, say_fact
 
 # %% ../nbs/05_sft.ipynb #621e25c3
 ASSISTANT_HEADER = f"{BOS}assistant\n"  # opens every assistant turn in the ChatML template
@@ -248,6 +248,16 @@ def graded_turns(records:list, # {"conversations": [...]} records
             if g: out.append((conv[:i], *g))
     return out
 
+# %% ../nbs/05_sft.ipynb #57b767a2
+_STORY_HEROES = {q.format(H=name if lang == "en" else zh, A=animal): (name, zh)
+                 for lang, qs in STORY_Q.items() for q in qs if "{H}" in q for name, (zh, animal, *_) in CREATURES.items()}
+
+def story_requests(records:list, # {"conversations": [...]} records
+                  )->list[tuple[list, tuple]]: # (prompt messages, (English name, Chinese name))
+    "Every request for a story about a named creature in `records`, with the conversation up to it as the prompt."
+    return [(r["conversations"][:i + 1], _STORY_HEROES[m["content"]]) for r in records
+            for i, m in enumerate(r["conversations"]) if m["role"] == "user" and m["content"] in _STORY_HEROES]
+
 # %% ../nbs/05_sft.ipynb #1e402c56
 def answer(model, # a MiniMind model (eval mode)
            tok, # its tokenizer
@@ -286,8 +296,9 @@ def sft_eval(model, # a MiniMind model
              batch_size:int=64, # prompts per batched generation
              max_new_tokens:int=64, # most tokens per reply
              name:dict=ASSISTANT_NAME, # the assistant's name, for identity questions
-            )->dict: # {"val ce", "accuracy", "<kind> accuracy", "graded"}
-    "Held-out numbers of a chat model: cross-entropy on the replies, and exact-match accuracy of greedy replies."
+             story_tokens:int=48, # tokens of each story generated to look for its hero's name
+            )->dict: # {"val ce", "accuracy", "<kind> accuracy", "graded", "story hero"}
+    "Held-out numbers of a chat model: cross-entropy on the replies, exact-match accuracy of greedy replies, and how often a story is about the creature asked for."
     out = {"val ce": sft_ce(model, SFTDataset(records, tok, seq_len, pack=False, too_long="skip"))}
     items = graded_turns(records, name)[:max_graded]
     # a right reply is an accepted answer and then <|im_end|>: longer ones are wrong, so stop generating there
@@ -306,10 +317,16 @@ def sft_eval(model, # a MiniMind model
     out["accuracy"] = float(right.mean()) if len(right) else float("nan")
     for k in sorted(set(kinds)): out[f"{k} accuracy"] = float(right[kinds == k].mean())
     out["graded"] = len(items)
+    stories = story_requests(records)[:max_graded]
+    model.eval()
+    texts = [t for i in range(0, len(stories), batch_size)
+             for t in generate_text(model, tok, [p for p, _ in stories[i:i + batch_size]], story_tokens, stop_ids=[tok.eos_id, tok.pad_id])]
+    model.train(was)
+    if stories: out["story hero"] = float(np.mean([any(n in t for n in names) for t, (_, names) in zip(texts, stories)]))
     return out
 
 # %% ../nbs/05_sft.ipynb #1ee58f36
-SFT_STEPS = 300  # default budget without --steps or --epochs: 1.2 epochs of TinyWorld at 2 rows of 512
+SFT_STEPS = 400  # default budget without --steps or --epochs: about 1.6 epochs of TinyWorld at 2 rows of 512
 
 def add_conversation_args(p:argparse.ArgumentParser):
     "The flags of a stage that trains on conversations (SFT, distillation): the files, the held-out file, the rows."
@@ -352,7 +369,7 @@ def run_sft(args:argparse.Namespace, # the `sft` stage's flags, inputs resolved
                       val_data=val, collate_fn=sft_collate)
     result = trainer.fit()
     after = evaluate()
-    shown = ("val ce", "accuracy") if before.get("graded") else ("val ce",)  # accuracy grades TinyWorld questions only
+    shown = ("val ce", "accuracy", "story hero") if before.get("graded") else ("val ce",)  # TinyWorld questions only
     numbers = {k: f"{before[k]:.3f} -> {after[k]:.3f}" for k in shown if k in before}
     numbers |= {"steps": result["step"], "train loss": round(result.get("loss", float("nan")), 3)}  # no timings: same seed, same table
     if is_main:

@@ -6,9 +6,9 @@ Docs: https://minimind-book.github.io/minimind/tokenizer.html.md"""
 
 # %% auto #0
 __all__ = ['PAD', 'BOS', 'EOS', 'SPECIAL_TOKENS', 'RESERVED_TOKENS', 'N_BYTES', 'DEFAULT_SYSTEM_PROMPT', 'CHAT_TEMPLATE', 'ROLES',
-           'TOKENIZER_TRAIN_FILES', 'TOKENIZER', 'byte_level_bpe', 'check_messages', 'render_chat_template',
-           'MiniMindTokenizer', 'train_tokenizer', 'texts_from_jsonl', 'tokenizer_problem', 'tinyworld_tokenizer',
-           'add_tokenizer_args', 'run_tokenizer']
+           'TINYWORLD_VOCAB', 'TOKENIZER_TRAIN_FILES', 'TOKENIZER', 'byte_level_bpe', 'check_messages',
+           'render_chat_template', 'MiniMindTokenizer', 'train_tokenizer', 'texts_from_jsonl', 'tokenizer_problem',
+           'tinyworld_tokenizer', 'add_tokenizer_args', 'run_tokenizer']
 
 # %% ../nbs/01_tokenizer.ipynb #5ccd7a6b
 import argparse
@@ -243,6 +243,9 @@ def texts_from_jsonl(paths:str|Path|Iterable, # one JSONL file or several
                 for key in ("content", "reasoning_content"):
                     if isinstance(m.get(key), str) and m[key]: yield m[key]
 
+# %% ../nbs/01_tokenizer.ipynb #88a2d9fc
+TINYWORLD_VOCAB = 2048  # the tokenizer stage's default: TinyWorld's size (upstream's 6400 is for real data)
+
 # %% ../nbs/01_tokenizer.ipynb #507d779a
 TOKENIZER_TRAIN_FILES = ("pretrain.jsonl", "sft.jsonl", "reason.jsonl")  # TinyWorld files the tokenizer learns from
 
@@ -251,13 +254,13 @@ def tokenizer_problem(path:Path, # a folder given as a tokenizer
     "What keeps `path` from being a tokenizer folder (the `tokenizer.json` that `MiniMindTokenizer.load` reads)."
     return None if (Path(path)/"tokenizer.json").is_file() else "not a tokenizer folder: no tokenizer.json"
 
-def tinyworld_tokenizer(small:bool=False, # the small test tokenizer (vocab 1024, a tenth of TinyWorld)
+def tinyworld_tokenizer(small:bool=False, # the small test tokenizer (vocab 1024, a tenth of TinyWorld), else TINYWORLD_VOCAB
                        )->Path: # the tokenizer's folder
     "The folder of the TinyWorld tokenizer trained as in this chapter (cached; trained on first use)."
     out = cache_dir()/"tokenizer"/f"tinyworld{'-test' if small else ''}-{code_hash('minimind.tokenizer')[:12]}"
     if not (out/"tokenizer_config.json").is_file():
         tw = tinyworld(seed=0, scale=0.1 if small else 1.0)
-        tok = train_tokenizer(texts_from_jsonl([tw/f for f in TOKENIZER_TRAIN_FILES]), vocab_size=1024 if small else 6400)
+        tok = train_tokenizer(texts_from_jsonl([tw/f for f in TOKENIZER_TRAIN_FILES]), vocab_size=1024 if small else TINYWORLD_VOCAB)
         with atomic_dir(out) as tmp: tok.save(tmp)
     return out
 
@@ -267,7 +270,8 @@ def add_tokenizer_args(p:argparse.ArgumentParser):
     p.add_argument("--data", type=Path, nargs="+", default=None,
                    help="JSONL files of {'text'} or {'conversations'} records (default: the data stage's "
                         + ", ".join(TOKENIZER_TRAIN_FILES) + ")")
-    p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
+    p.add_argument("--vocab-size", type=int, default=TINYWORLD_VOCAB,
+                   help="vocabulary size, special tokens included (the default fits TinyWorld; upstream uses 6400 on real data)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/tokenizer)")
 
 # %% ../nbs/01_tokenizer.ipynb #52831b27

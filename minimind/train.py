@@ -20,13 +20,14 @@ from pathlib import Path
 
 from .data import DataError, read_jsonl, short_path
 from .distill import DISTILL
+from .compute import AMP_DTYPES
 from .dpo import DPO
 from .grpo import GRPO
 from .lora import LORA
 from .pretrain import PRETRAIN
 from .reason import REASON
 from .runs import RUN_DIR, Interrupted, Parser, RunError, dist_context, run_stage, stage_args, stage_parser
-from .sft import SFT
+from .sft import SFT, graded_turns, story_requests
 from .tinyworld import DATA
 from .tokenizer import TOKENIZER
 
@@ -42,6 +43,8 @@ def build_parser()->argparse.ArgumentParser:
                         help="the whole pipeline: run STAGE and every stage after it again, even when done")
     parser.add_argument("--quick", action="store_true",
                         help="the whole pipeline at its stages' quick sizes (a smoke test of a minute or two, numbers mean nothing)")
+    parser.add_argument("--dtype", choices=["auto", *AMP_DTYPES], default=None,
+                        help="the whole pipeline: every training stage's --dtype (default: auto, timed on a CPU); fp32 turns bf16 off")
     subs = parser.add_subparsers(dest="stage", metavar="STAGE", help=", ".join(s.name for s in PIPELINE))
     for stage in PIPELINE:
         sub = subs.add_parser(stage.name, help=stage.help, description=stage.help)
@@ -52,13 +55,15 @@ def build_parser()->argparse.ArgumentParser:
 def run_pipeline(run_dir:Path, # the run folder
                  force:str|None=None, # run this stage and every stage after it again
                  quick:bool=False, # every stage with its quick flags
+                 dtype:str|None=None, # every training stage's --dtype (None: their default)
                 )->list[tuple[str, float, dict]]: # (stage, seconds, numbers) per stage
     "Run every stage of `PIPELINE` in order with its defaults, skipping those done and still valid."
     rows, forcing = [], False
     for stage in PIPELINE:
         forcing = forcing or stage.name == force
         t0 = time.perf_counter()
-        try: numbers = run_stage(stage, stage_args(stage, run_dir, ["--overwrite"] if forcing else [], quick=quick))
+        flags = (["--overwrite"] if forcing else []) + (["--dtype", dtype] if dtype and stage_parser(stage).get_default("dtype") else [])
+        try: numbers = run_stage(stage, stage_args(stage, run_dir, flags, quick=quick))
         except RunError as e: raise RunError(f"{e}; in the pipeline, `--force {stage.name}` redoes it and every stage after it") from None
         rows.append((stage.name, time.perf_counter() - t0, numbers or {}))
     return rows
@@ -98,16 +103,17 @@ def with_text_perplexity(run_dir:Path, # the run folder
 SAMPLE_QUESTIONS = ["Who are you?", "你是谁？"]  # asked at the end of every pipeline run, with held-out ones
 LINES = {"chat": ("pretrain", "sft", "dpo"), "reasoning": ("reason", "grpo")}  # the stages of each line of models
 
-def sample_chats(run_dir:Path, # the run folder (its TinyWorld held-out files give two of the questions)
+def sample_chats(run_dir:Path, # the run folder (its TinyWorld held-out files give the other questions)
                 )->dict[str, list[list[dict]]]: # chats per line, each ending with a user turn
-    "`SAMPLE_QUESTIONS` and the first held-out SFT question for the chat line, the first held-out problem for the reasoning line."
-    def first_held_out(name, kind):
-        path = Path(run_dir)/"data"/f"{name}.jsonl"
-        if not path.exists(): return []
-        conv = next(iter(read_jsonl(path, kind)))["conversations"]
-        return [conv[:max(i for i, m in enumerate(conv) if m["role"] == "user") + 1]]
-    return {"chat": [[{"role": "user", "content": q}] for q in SAMPLE_QUESTIONS] + first_held_out("sft_val", "sft"),
-            "reasoning": first_held_out("reason_val", "reason")}
+    "`SAMPLE_QUESTIONS` and the first held-out fact, sum and story request for the chat line, the first held-out problem for the reasoning line."
+    folder = Path(run_dir)/"data"
+    if not (folder/"sft_val.jsonl").exists(): return {"chat": [[{"role": "user", "content": q}] for q in SAMPLE_QUESTIONS], "reasoning": []}
+    chats = list(read_jsonl(folder/"sft_val.jsonl", "sft"))
+    graded = graded_turns(chats)
+    held_out = [next(p for p, k, _ in graded if k == kind) for kind in ("fact", "sum") if any(k == kind for _, k, _ in graded)]
+    held_out += [p for p, _ in story_requests(chats)[:1]]
+    problem = next(iter(read_jsonl(folder/"reason_val.jsonl", "reason")))["conversations"][:1]
+    return {"chat": [[{"role": "user", "content": q}] for q in SAMPLE_QUESTIONS] + held_out, "reasoning": [problem]}
 
 def final_models(run_dir:Path, # the run folder
                 )->dict[str, Path]: # line -> the `model` folder of its last stage that wrote one
@@ -188,7 +194,7 @@ def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[
     try:
         if args.stage: run_stage(next(s for s in PIPELINE if s.name == args.stage), args)
         else:
-            rows = run_pipeline(args.run_dir, args.force, args.quick)
+            rows = run_pipeline(args.run_dir, args.force, args.quick, args.dtype)
             if place.is_main: finish_pipeline(args.run_dir, rows)
     except (DataError, RunError) as e: sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # `Interrupted` (a checkpoint of this step) or a plain Ctrl-C (the last checkpoint)

@@ -18,6 +18,8 @@ if OWN_CACHE: os.environ["MINIMIND_CACHE"] = tempfile.mkdtemp(prefix="minimind-t
 import pytest
 import torch
 
+import minimind.engine as engine
+from minimind.compute import Compute
 from minimind.chat import load_chat_model
 from minimind.model import MiniMindConfig, MiniMindForCausalLM
 from minimind.tokenizer import MiniMindTokenizer, tinyworld_tokenizer
@@ -35,6 +37,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+ALL_WAYS = engine.cpu_candidates  # every way the engine can compute on this CPU
+
+@pytest.fixture(autouse=True)
+def fp32_engine(monkeypatch):
+    """Training in this process computes in fp32 on PyTorch's kernels, the same numbers on every machine, instead
+    of the fastest way timed here. Tests of that choice put `ALL_WAYS` back; commands a test starts as a user
+    would (the CLI, torchrun) choose as usual."""
+    monkeypatch.setattr(engine, "cpu_candidates", lambda: [Compute()])
 
 
 # ---- models and tokenizers -------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from minimind.engine import Trainer
 from minimind.generate import generate
 from minimind.shards import PackedDataset, build_token_file
 
+from conftest import micro
+
 SMALL = dict(preset="micro", steps=3, batch=2, seq_len=16, verbose=False)
 
 
@@ -75,7 +77,7 @@ def test_decode_report_without_the_peer_says_so(capsys):
 
 
 def test_the_bound_times_the_products_a_step_does_both_ways():
-    model = bench.MiniMindForCausalLM(bench.MiniMindConfig.from_preset("micro")).eval()
+    model = micro().eval()
     flat, stacked = bench.linear_weights(model), bench.stacked_weights(model)
     assert sum(w.numel() for w in flat) == sum(w.numel() for w in stacked)  # the same weights, fewer products
     x = torch.randn(3, model.config.hidden_size)
@@ -86,8 +88,8 @@ def test_the_bound_times_the_products_a_step_does_both_ways():
 
 
 def test_the_peer_is_timed_over_the_same_steps_as_ours(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    model = bench.MiniMindForCausalLM(bench.MiniMindConfig.from_preset("micro")).eval()
+    pytest.importorskip("transformers")
+    model = micro().eval()
     hf, prompt, clock = bench.transformers_peer(model, tmp_path), bench.random_prompt(512, 2, 5), bench.StepClock()
     with torch.inference_mode():
         out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, do_sample=False, streamer=clock)

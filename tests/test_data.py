@@ -87,6 +87,21 @@ def test_held_out_sums_never_in_train(worlds):
     assert seen["train"] > 10 and seen["val"] > 0
 
 
+def test_the_assistants_sums_are_the_one_digit_table(worlds):
+    "SFT sums are one-digit, right, and asked in both files (a table, like the facts); pretraining pages ask them too."
+    folder, _ = worlds["a"]
+    eq = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
+    for stem in ("sft", "sft_val"):
+        found = [m for rec in read_jsonl(folder/f"{stem}.jsonl", "sft") for t in rec["conversations"]
+                 if t["role"] == "assistant" and (m := eq.fullmatch(t["content"]))]
+        assert found, stem
+        for m in found:
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert a < 10 and b < 10 and c == (a + b if op == "+" else a - b) >= 0
+    pages = [r["text"] for r in read_jsonl(folder/"pretrain.jsonl", "pretrain") if "\nA: " in r["text"] or "\n答：" in r["text"]]
+    assert any(re.search(r"Q: What is \d \+ \d\?\nA: \d \+ \d = \d+\.", p) for p in pages)
+
+
 # ---------------------------------------------------------------- reasoning traces are right
 EQ_RE = re.compile(r"(\d+(?: [+-] \d+)+) = (\d+)")
 CMP_RE = re.compile(r"(\d+) ([<>]) (\d+)")

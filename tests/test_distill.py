@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind.distill import DISTILL_QUICK_ARGS, DistillLoss, distill_loss, make_student
+from minimind.distill import DISTILL_QUICK_ARGS, DistillLoss, distill_loss, make_student, shrink
 from minimind.engine import Trainer, TrainConfig
 from minimind.model import MiniMindConfig
 
@@ -134,6 +134,18 @@ def test_make_student_copies_the_vocabulary_and_is_reproducible():
     assert a.config.vocab_size == 777 and a.config.hidden_size == 64
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
+def test_shrink_keeps_evenly_spaced_layers_of_the_teacher():
+    teacher = micro(num_hidden_layers=4)
+    student = shrink(teacher, 2)
+    assert student.config.num_hidden_layers == 2 and student.num_parameters() < teacher.num_parameters()
+    t, s = teacher.state_dict(), student.state_dict()
+    for new, old in ((0, 0), (1, 3)):  # the first and the last layer
+        for k, v in s.items():
+            if k.startswith(f"model.layers.{new}."): assert torch.equal(v, t[k.replace(f"layers.{new}.", f"layers.{old}.", 1)])
+    assert all(torch.equal(v, t[k]) for k, v in s.items() if not k.startswith("model.layers."))  # embeddings, norm, head
+    s["model.embed_tokens.weight"].add_(1)
+    assert not torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])  # copies, not shared tensors
+
 def test_distill_stage_smoke(tmp_path):
     from minimind.hub import load_model
     from minimind.sft import SFT
@@ -146,7 +158,7 @@ def test_distill_stage_smoke(tmp_path):
     assert student.config.vocab_size == teacher.config.vocab_size
     assert student.num_parameters() <= teacher.num_parameters()  # quick runs: a micro teacher and a micro student
     numbers = json.loads((run / "distill" / "done.json").read_text())["numbers"]
-    assert "->" in numbers["val ce"] and "teacher val ce" in numbers
+    assert "->" in numbers["val ce"] and "teacher val ce" in numbers and "no-teacher val ce" in numbers
     before, after = map(float, numbers["val ce"].split("->"))
     assert after < before
     assert str(run / "distill" / "model") in out.stdout

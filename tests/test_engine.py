@@ -12,12 +12,16 @@ import pytest
 import torch
 from torch import nn
 
+import minimind.compute as compute
+import minimind.engine as engine
+from minimind.data import cache_dir
+from minimind.compute import Compute
 from minimind.engine import (GlobalBatchSampler, Trainer, TrainConfig, causal_lm_loss, latest_checkpoint,
                              load_checkpoint, param_groups)
 
 from minimind.runs import RunError
 
-from conftest import micro, run_cli
+from conftest import ALL_WAYS, micro, run_cli
 
 TESTS = Path(__file__).parent
 
@@ -45,6 +49,41 @@ def adam_grads(t):
     return torch.cat([t.opt.state[p]["exp_avg"].flatten() for p in t.params]) / (1 - t.cfg.betas[0])
 
 # --- in one process ---
+
+def fake_rates(fastest):
+    "A `step_rates` under which `fastest` wins, counting its calls."
+    def rates(model, ways, rows, seq_len, device):
+        rates.calls += 1
+        return {c.name: 2.0 if c.name == fastest else 1.0 for c in ways}
+    rates.calls = 0
+    return rates
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    "Every way to compute, and a cache of the test's own: the timings it makes up stay out of every other test's runs."
+    monkeypatch.setattr(engine, "cpu_candidates", ALL_WAYS)
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path/"cache"))
+
+def test_auto_on_a_cpu_takes_the_fastest_way_and_remembers_it(tmp_path, monkeypatch, capsys, own_cache):
+    monkeypatch.setattr(compute, "step_rates", fake_rates("bf16"))
+    t = train(tmp_path/"a", 2)
+    assert t.compute == Compute(torch.bfloat16) and compute.step_rates.calls == 1
+    assert "compute: bf16, the fastest" in capsys.readouterr().out
+    monkeypatch.setattr(compute, "step_rates", fake_rates("fp32"))  # a new timing would choose fp32: none is made
+    assert train(tmp_path/"b", 2).compute == Compute(torch.bfloat16) and compute.step_rates.calls == 0
+
+def test_fp32_never_takes_bf16(tmp_path, monkeypatch, own_cache):
+    monkeypatch.setattr(compute, "step_rates", fake_rates("bf16"))
+    t = train(tmp_path, 2, dtype="fp32")
+    assert t.compute.dtype == torch.float32 and t.dtype == torch.float32
+
+def test_a_resumed_run_computes_the_way_its_checkpoint_says(tmp_path, monkeypatch, own_cache):
+    monkeypatch.setattr(compute, "step_rates", fake_rates("bf16"))
+    train(tmp_path, 4, save_every=2, stop_at=2)
+    assert load_checkpoint(latest_checkpoint(tmp_path/"checkpoints"))["compute"] == "bf16"
+    (cache_dir()/"compute.json").unlink()  # forget the timing: the checkpoint alone decides
+    monkeypatch.setattr(compute, "step_rates", fake_rates("fp32"))
+    assert train(tmp_path, 4).compute == Compute(torch.bfloat16) and compute.step_rates.calls == 0
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     # 40 rows, global batch 8 (micro 4 x accum 2): 5 steps per epoch, so the run crosses an epoch boundary

@@ -100,7 +100,7 @@ def test_untrained_is_at_chance_and_the_book_model_is_well_above(book):
     t = choice_accuracy(book.model, book.tokenizer, recs, "text")
     assert abs(u["accuracy"] - u["chance"]) < 0.1
     assert t["accuracy"] > u["chance"] + 0.2
-    assert u["accuracy_sum"] > u["chance"] + 0.15  # the length trap: summed log-probs favour the tokenizer's merged truths
+    assert u["accuracy_sum"] > u["chance"] + 0.08  # the length trap: summed log-probs favour the tokenizer's merged truths
 
 
 def test_letter_method_scores_one_letter_per_option(quick):

@@ -11,6 +11,8 @@ import torch
 from minimind.grpo import (Curriculum, GRPOConfig, GRPOLoss, Rollouts, clipped_objective, completion_tokens,
                            group_advantages, grpo_loss, k3_kl, pack_rollouts)
 
+from conftest import micro
+
 def test_group_advantages_are_normalised_per_group():
     r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1], [1.0, 1.0, 1.0, 1.0], [0.3, 0.9, 0.5, 0.1]])
     a = group_advantages(r)
@@ -147,9 +149,7 @@ def test_ddp_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     one, two = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
     for k in ("loss", "kl", "clip_frac", "ratio"): assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
     assert one["stats"]["clip_frac"] > 0  # several steps on one batch: the ratio moved and the clip acted
-    from minimind.model import MiniMindConfig, MiniMindForCausalLM
-    torch.manual_seed(0)
-    start = MiniMindForCausalLM(MiniMindConfig.from_preset("micro")).state_dict()
+    start = micro(0).state_dict()
     moved = 0
     for k, v in one["params"].items():
         torch.testing.assert_close(two["params"][k], v, rtol=0, atol=2e-6)

@@ -10,8 +10,8 @@ from minimind.data import DataError, read_jsonl
 from minimind.tinyworld import tinyworld
 from minimind.engine import causal_lm_loss
 from minimind.sft import (ASSISTANT_HEADER, IGNORE, ConversationTooLong, SFTDataset, gold_answers, graded_turns,
-                          pack_best_fit, prompt_ids, sft_collate, shift_labels, tokenize_conversation,
-                          tokenize_conversations)
+                          pack_best_fit, prompt_ids, sft_collate, sft_eval, shift_labels, story_requests,
+                          tokenize_conversation, tokenize_conversations)
 from minimind.tokenizer import MiniMindTokenizer
 
 from conftest import micro
@@ -93,7 +93,7 @@ def test_tokens_after_the_last_trained_target_do_not_change_the_loss(tok, packed
     x2 = x.clone(); x2[last + 1:] = torch.randint(0, len(tok), (len(x) - last - 1,), generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(loss_of(model, x, y), loss_of(model, x2, y))
     x3 = x.clone(); x3[last] = (x[last] + 1) % len(tok)  # the input of the last trained target does
-    assert not torch.allclose(loss_of(model, x3, y), loss_of(model, x, y))
+    assert not torch.equal(loss_of(model, x3, y), loss_of(model, x, y))
 
 def test_collate_trims_without_changing_the_loss(tok, records, model):
     ds = SFTDataset(records[:60], tok, 512, pack=False)
@@ -162,6 +162,22 @@ def test_gold_answers(records):
     for prompt, kind, gold in items[:50]:  # the reference reply that follows the prompt is always accepted
         conv = next(r["conversations"] for r in records if r["conversations"][:len(prompt)] == prompt)
         assert conv[len(prompt)]["content"] in gold
+
+
+def test_story_requests_name_their_hero_in_both_languages(records):
+    found = story_requests(records)
+    assert {p[-1]["content"] for p, _ in found} and all(p[-1]["role"] == "user" for p, _ in found)
+    asked = story_requests([{"conversations": [{"role": "user", "content": "讲一个关于粉粉的故事。"}, {"role": "assistant", "content": "…"}]},
+                            {"conversations": [{"role": "user", "content": "Can you tell me a story?"}, {"role": "assistant", "content": "…"}]}])
+    assert [names for _, names in asked] == [("Pinky", "粉粉")]  # a request that names nobody is not graded
+
+
+def test_story_hero_is_the_share_of_stories_that_name_it(tok, monkeypatch):
+    import minimind.sft as sft
+    recs = [{"conversations": [{"role": "user", "content": f"Tell me a story about {n}."}, {"role": "assistant", "content": "…"}]}
+            for n in ("Mimi", "Pip", "Dot", "Max")]
+    monkeypatch.setattr(sft, "generate_text", lambda m, t, prompts, *a, **k: ["Mimi and Pip went out." for _ in prompts])
+    assert sft_eval(micro(vocab_size=len(tok)), tok, recs)["story hero"] == 0.5  # Mimi's and Pip's stories name them
 
 
 def test_sft_stage_smoke(tmp_path, monkeypatch):

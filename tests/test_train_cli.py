@@ -69,3 +69,12 @@ def test_run_dir_before_the_stage_is_kept(tmp_path):
     out = run_cli("--run-dir", tmp_path/"before", "data", "--scale", "0.01", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path/"before"/"data"/"sft.jsonl").exists() and not (tmp_path/"runs").exists()
+
+
+def test_the_pipelines_dtype_reaches_every_training_stage(tmp_path, monkeypatch):
+    "`python -m minimind.train --dtype fp32` turns the bf16 path off in every stage that trains."
+    import minimind.train as train
+    seen = {}
+    monkeypatch.setattr(train, "run_stage", lambda stage, args: seen.update({stage.name: getattr(args, "dtype", None)}))
+    train.run_pipeline(tmp_path, dtype="fp32")
+    assert seen == {"data": None, "tokenizer": None, **dict.fromkeys(("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo"), "fp32")}
