@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import jsonl_problem, read_jsonl
+from .data import jsonl_problem, read_jsonl, short_path
 from .engine import Trainer, causal_lm_loss
 from .hub import load_model, model_problem
 from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -180,7 +180,7 @@ def run_distill(args:argparse.Namespace, # the `distill` stage's flags, inputs r
                                   max_new_tokens=args.max_new_tokens) if val_records and is_main else {}
     out, loss = stage_folder(DISTILL, args), DistillLoss(teacher, args.alpha, args.temperature, args.kl)
     if is_main:
-        print(f"distill: teacher {args.teacher} ({teacher.num_parameters() / 1e6:.2f}M parameters), student "
+        print(f"distill: teacher {short_path(args.teacher)} ({teacher.num_parameters() / 1e6:.2f}M parameters), student "
               f"{args.init or args.student_preset} ({student.num_parameters() / 1e6:.2f}M); {loss}\n"
               f"train {train}; held-out {val}")
     before, teacher_numbers = evaluate(student), evaluate(teacher)

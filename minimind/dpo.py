@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .data import DataError, jsonl_problem, read_jsonl, validate_record
+from .data import DataError, jsonl_problem, read_jsonl, short_path, validate_record
 from .compute import autocast
 from .engine import Trainer
 from .hub import load_model, model_problem
@@ -293,7 +293,7 @@ def run_dpo(args:argparse.Namespace, # the `dpo` stage's flags, inputs resolved
     trainer = Trainer(policy, train_ds, DPOLoss(None if args.cache_ref else ref, args.beta, args.sft_weight), cfg, val_data=val_ds,
                       count=pairs, collate_fn=train_ds.collate)
     if dist_context().is_main:
-        print(f"dpo: {policy.num_parameters() / 1e6:.2f}M parameters from {args.init}; {len(train_ds):,} pairs from {args.data}"
+        print(f"dpo: {policy.num_parameters() / 1e6:.2f}M parameters from {short_path(args.init)}; {len(train_ds):,} pairs from {short_path(args.data)}"
               + (f", {len(val_ds):,} held out" if val_ds else "") + f"; beta {args.beta}, lr {args.lr}, "
               f"{trainer.total} steps of {trainer.global_batch} pairs; reference {'cached' if args.cache_ref else 'live'}")
     if args.cache_ref:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import jsonl_problem
+from .data import jsonl_problem, short_path
 from .compute import AMP_DTYPES
 from .engine import Trainer, TrainConfig, causal_lm_loss
 from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -127,8 +127,8 @@ def run_pretrain(args:argparse.Namespace, # the stage's flags, inputs resolved
     out, place = stage_folder(PRETRAIN, args), dist_context()
     if place.is_main:
         print(f"pretrain: {args.preset}, {model.num_parameters() / 1e6:.2f}M parameters "
-              f"({model.num_parameters(active=True) / 1e6:.2f}M active), tokenizer {args.tokenizer} (vocab {len(tok)}); {len(train):,} rows of "
-              f"{args.seq_len} tokens from {', '.join(map(str, args.data))}; global batch "
+              f"({model.num_parameters(active=True) / 1e6:.2f}M active), tokenizer {short_path(args.tokenizer)} (vocab {len(tok)}); {len(train):,} rows of "
+              f"{args.seq_len} tokens from {', '.join(map(short_path, args.data))}; global batch "
               f"{args.micro_batch * args.accum * place.world_size} rows on {place.world_size} process(es)")
     trainer = Trainer(model, train, causal_lm_loss, engine_config(args, out), val_data=val,
                       after_step=(lambda t: update_router_bias(t.model)) if config.use_moe else None)  # loss-free balancing

@@ -264,7 +264,7 @@ def run_reason(args:argparse.Namespace, # the `reason` stage's flags, inputs res
     problems = read_problems(args.val_data, "reason") if args.val_data else []
     val = SFTDataset(problems, tok, args.seq_len, pack=False, too_long="skip") if problems else None
     before = grade(model, tok, problems, args) if problems else None
-    if is_main: print(f"reason: from {args.init}; train {train}; tag weight {args.tag_weight}; held-out {len(problems)} problems")
+    if is_main: print(f"reason: from {short_path(args.init)}; train {train}; tag weight {args.tag_weight}; held-out {len(problems)} problems")
     loss = partial(reason_loss, tag_ids=tok.tag_ids, tag_weight=args.tag_weight)
     trainer = Trainer(model.train(), train, loss, engine_config(args, stage_folder(REASON, args)),
                       val_data=val, collate_fn=sft_collate)

@@ -23,7 +23,7 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import Dataset
 
-from .data import DataError, jsonl_problem, read_jsonl, validate_record
+from .data import DataError, jsonl_problem, read_jsonl, short_path, validate_record
 from .engine import Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import load_model, model_problem
@@ -139,7 +139,7 @@ class SFTDataset(Dataset):
             while batch := [x for _, x in zip(range(chunk), records)]:
                 for (line, rec), (i, m) in zip(batch, tokenize_conversations(tok, [r["conversations"] for _, r in batch])):
                     if len(i) > cap:
-                        where = f"{name}:{line}" if name != "records" else f"record {line}"
+                        where = f"{short_path(name)}:{line}" if name != "records" else f"record {line}"
                         if too_long == "raise":
                             msg = f"a conversation of {len(i)} tokens does not fit in seq_len + 1 = {cap}"
                             if name == "records": raise ConversationTooLong(f"{where}: {msg}")
@@ -364,7 +364,7 @@ def run_sft(args:argparse.Namespace, # the `sft` stage's flags, inputs resolved
     evaluate = lambda: sft_eval(model, tok, val_records, args.seq_len, args.eval_graded or None,
                                 max_new_tokens=args.max_new_tokens) if val_records and is_main else {}
     before = evaluate()
-    if is_main: print(f"sft: from {args.init}; train {train}; held-out {val}")
+    if is_main: print(f"sft: from {short_path(args.init)}; train {train}; held-out {val}")
     trainer = Trainer(model.train(), train, causal_lm_loss, engine_config(args, stage_folder(SFT, args)),
                       val_data=val, collate_fn=sft_collate)
     result = trainer.fit()
