@@ -390,7 +390,8 @@ def train_report(preset:str="minimind2-small", # model preset (random init)
     times = {k: [] for k in steps_fn}
     for _ in range(rounds):
         for name, step in steps_fn.items(): times[name].append(step_seconds(step, batches))
-    peaks = {name: measure_peak_flops(torch.device("cpu"), dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks = {name: measure_peak_flops(torch.device("cpu"), dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+             if any(name in row for row in times)}  # each dtype that some row computes in
     fpt, rows = flops_per_token(ours, seq_len), []
     for name, ts in times.items():
         s, peak = statistics.median(ts), peaks["bf16" if "bf16" in name else "fp32"]  # each row against its own dtype's peak

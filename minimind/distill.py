@@ -23,7 +23,7 @@ from .engine import Trainer, causal_lm_loss
 from .hub import load_model, model_problem
 from .model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from .pretrain import add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, register, stage_folder
+from .runs import Input, Stage, dist_context, numbers_text, register, stage_folder
 from .sft import SFT, SFTDataset, add_conversation_args, sft_collate, sft_eval
 from .tinyworld import data_inputs
 from .tokenizer import MiniMindTokenizer
@@ -194,7 +194,7 @@ def run_distill(args:argparse.Namespace, # the `distill` stage's flags, inputs r
     numbers |= {"steps": result["step"], "train loss": round(result.get("loss", float("nan")), 3)}  # no timings: same seed, same table
     if is_main:
         print(f"distill: {result.get('tokens_per_s', 0):,.0f} tokens/s at the last log interval")
-        print(", ".join(f"{k} {v}" for k, v in numbers.items()))
+        print(numbers_text(numbers))
     trainer.finish(tok)
     return numbers
 

@@ -28,7 +28,7 @@ from .compute import autocast
 from .engine import Trainer
 from .hub import load_model, model_problem
 from .pretrain import add_engine_args, engine_config
-from .runs import Input, Stage, dist_context, register, stage_folder
+from .runs import Input, Stage, dist_context, numbers_text, register, say, stage_folder
 from .sft import IGNORE, SFT, sft_eval, shift_labels, tokenize_conversations
 from .tinyworld import DATA, add_data_flags, data_inputs
 from .tokenizer import MiniMindTokenizer
@@ -309,7 +309,7 @@ def run_dpo(args:argparse.Namespace, # the `dpo` stage's flags, inputs resolved
     for key, name in (("val_pref_acc", "val pref acc"), ("val_reward_acc", "val reward acc"), ("val_margin", "val margin")):
         if (ba := _before_after(trainer.history, key)): numbers[name] = ba
     if chats: numbers["chat accuracy"] = f"{before:.3f} -> {chat_accuracy():.3f}"  # what alignment must not cost
-    if dist_context().is_main: print("dpo: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
+    say("dpo: " + numbers_text(numbers))
     trainer.finish(tok)
     return numbers
 

@@ -261,7 +261,7 @@ class Trainer:
         self.history, self.checkpoint, self._flops, self._peak, self._wandb = [], None, None, config.peak_flops, None
         if self.is_main: self.out.mkdir(parents=True, exist_ok=True)
         if self.source is not None: self.source.start(self)
-        if self._resuming(): self._resume()
+        if self._resuming(): self._resume(ways)
         elif self.is_main: self._fresh_start()
         self.compute = self.compute or self._fastest(ways)
         self.dtype = self.compute.dtype
@@ -422,8 +422,8 @@ def _fresh_start(self:Trainer):
     self.metrics_file.write_text("")
 
 @patch
-def _resume(self:Trainer):
-    "Restore weights, optimizer, scaler, random generators, step and data position from a checkpoint."
+def _resume(self:Trainer, ways:list[Compute]): # the ways this run may compute (`_candidates`)
+    "Restore weights, optimizer, scaler, random generators, step and data position (and the way of computing) from a checkpoint."
     cfg = self.cfg
     path = latest_checkpoint(self.ckpt_dir) if cfg.resume in (True, "auto") else Path(cfg.resume)
     if path is None: raise RunError(f"--resume: no checkpoint in {short_path(self.ckpt_dir)} (no `{LATEST}` file)")
@@ -434,7 +434,7 @@ def _resume(self:Trainer):
                        "--overwrite starts this stage over") from None
     self.opt.load_state_dict(ck["optimizer"])
     self.scaler.load_state_dict(ck["scaler"])
-    if self.compute is None and ck.get("compute") in [c.name for c in self._candidates()]:
+    if self.compute is None and ck.get("compute") in [c.name for c in ways]:
         self.compute = Compute.named(ck["compute"])  # the way the run computed so far: resuming goes on the same way
     self.step, self.epoch, self.offset, self.tokens = ck["step"], ck["epoch"], ck["offset"], ck["tokens"]
     if self.source is not None: self.source.load_state_dict(ck["data"])

@@ -9,8 +9,8 @@ Docs: https://minimind-book.github.io/minimind/runs.html.md"""
 __all__ = ['STAGES', 'RUN_DIR', 'NOT_RESULTS', 'DONE', 'Dist', 'dist_context', 'barrier', 'shared', 'Input', 'Stage', 'register',
            'Parser', 'number', 'HelpFormatter', 'option', 'add_run_args', 'stage_parser', 'stage_args',
            'imported_modules', 'source_files', 'code_hash', 'content_hash', 'result_args', 'read_done', 'why_not_valid',
-           'RunError', 'Interrupted', 'resolve_inputs', 'check_args', 'say', 'stage_folder', 'clear_outputs',
-           'run_lock', 'run_stage', 'book_dir', 'require']
+           'RunError', 'Interrupted', 'resolve_inputs', 'check_args', 'say', 'numbers_text', 'stage_folder',
+           'clear_outputs', 'run_lock', 'run_stage', 'book_dir', 'require']
 
 # %% ../nbs/89_runs.ipynb #afb0d426
 import argparse
@@ -313,6 +313,10 @@ def check_args(stage:Stage, # the stage about to run
 def say(*msg):
     "Print on rank 0 only."
     if dist_context().is_main: print(*msg, flush=True)
+
+def numbers_text(numbers:dict, # a stage's numbers, e.g. {"steps": 80, "val ce": "0.56 -> 0.24"}
+                )->str: # "steps 80, val ce 0.56 -> 0.24": the way stages print them and the run's table shows them
+    return ", ".join(f"{k} {v}" for k, v in numbers.items())
 
 def stage_folder(stage:Stage, args:argparse.Namespace)->Path: # where the stage writes
     return Path(args.out) if getattr(args, "out", None) else Path(args.run_dir)/stage.name

@@ -8,7 +8,7 @@ Docs: https://minimind-book.github.io/minimind/sft.html.md"""
 __all__ = ['ASSISTANT_HEADER', 'IGNORE', 'TOO_LONG', 'SFT_STEPS', 'SFT_QUICK_ARGS', 'SFT', 'assistant_spans',
            'ConversationTooLong', 'tokenize_conversations', 'tokenize_conversation', 'prompt_ids', 'shift_labels',
            'pack_best_fit', 'SFTDataset', 'sft_collate', 'gold_answers', 'graded_turns', 'story_requests', 'answer',
-           'sft_ce', 'sft_eval', 'add_conversation_args', 'add_sft_args', 'run_sft']
+           'sft_ce', 'greedy_replies', 'sft_eval', 'add_conversation_args', 'add_sft_args', 'run_sft']
 
 # %% ../nbs/05_sft.ipynb #728f874a
 import argparse
@@ -288,6 +288,24 @@ def sft_ce(model, # a MiniMind model
     return total / max(count, 1)
 
 # %% ../nbs/05_sft.ipynb #b669609b
+@torch.no_grad()
+def greedy_replies(model, # a MiniMind model
+                   tok, # its tokenizer
+                   prompts:list, # conversations, each ending with a user turn
+                   caps:list[int], # most new tokens of each reply
+                   batch_size:int=64, # prompts per batched generation
+                  )->list[str]: # the replies, in the order of `prompts`
+    "Greedy replies to many prompts, batched with prompts of similar caps, each stopped at its end of turn or cap."
+    order, replies, was = np.argsort(caps, kind="stable"), [None] * len(prompts), model.training
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        idx = order[i:i + batch_size].tolist()
+        texts = generate_text(model, tok, [prompts[j] for j in idx], max(caps[j] for j in idx), stop_ids=[tok.eos_id, tok.pad_id])
+        for j, t in zip(idx, texts): replies[j] = t
+    model.train(was)
+    return replies
+
+# %% ../nbs/05_sft.ipynb #63a1e931
 def sft_eval(model, # a MiniMind model
              tok, # its tokenizer
              records:list, # held-out {"conversations": [...]} records
@@ -302,26 +320,15 @@ def sft_eval(model, # a MiniMind model
     out = {"val ce": sft_ce(model, SFTDataset(records, tok, seq_len, pack=False, too_long="skip"))}
     items = graded_turns(records, name)[:max_graded]
     # a right reply is an accepted answer and then <|im_end|>: longer ones are wrong, so stop generating there
-    cap = [max(len(tok.encode(g)) for g in gold) + 2 for _, _, gold in items]
-    order = np.argsort(cap, kind="stable")  # similar caps batched together
-    replies, was = [None] * len(items), model.training
-    model.eval()
-    for i in range(0, len(items), batch_size):
-        idx = order[i:i + batch_size].tolist()
-        texts = generate_text(model, tok, [items[j][0] for j in idx], min(max_new_tokens, max(cap[j] for j in idx)),
-                              stop_ids=[tok.eos_id, tok.pad_id])
-        for j, t in zip(idx, texts): replies[j] = t
-    model.train(was)
+    caps = [min(max_new_tokens, max(len(tok.encode(g)) for g in gold) + 2) for _, _, gold in items]
+    replies = greedy_replies(model, tok, [prompt for prompt, _, _ in items], caps, batch_size)
     right = np.array([r.strip() in gold for r, (_, _, gold) in zip(replies, items)])
     kinds = np.array([k for _, k, _ in items])
     out["accuracy"] = float(right.mean()) if len(right) else float("nan")
     for k in sorted(set(kinds)): out[f"{k} accuracy"] = float(right[kinds == k].mean())
     out["graded"] = len(items)
     stories = story_requests(records)[:max_graded]
-    model.eval()
-    texts = [t for i in range(0, len(stories), batch_size)
-             for t in generate_text(model, tok, [p for p, _ in stories[i:i + batch_size]], story_tokens, stop_ids=[tok.eos_id, tok.pad_id])]
-    model.train(was)
+    texts = greedy_replies(model, tok, [p for p, _ in stories], [story_tokens] * len(stories), batch_size)
     if stories: out["story hero"] = float(np.mean([any(n in t for n in names) for t, (_, names) in zip(texts, stories)]))
     return out
 

@@ -26,7 +26,7 @@ from .grpo import GRPO
 from .lora import LORA
 from .pretrain import PRETRAIN
 from .reason import REASON
-from .runs import RUN_DIR, Interrupted, Parser, RunError, dist_context, run_stage, stage_args, stage_parser
+from .runs import RUN_DIR, Interrupted, Parser, RunError, dist_context, numbers_text, run_stage, stage_args, stage_parser
 from .sft import SFT, graded_turns, story_requests
 from .tinyworld import DATA
 from .tokenizer import TOKENIZER
@@ -73,7 +73,7 @@ def results_table(rows:list[tuple[str, float, dict]], # (stage, seconds, numbers
                  )->str: # a markdown table
     "The numbers each stage returned, a row per stage: the same seed gives the same table."
     lines = ["| stage | results |", "|---|---|"]
-    for name, _, numbers in rows: lines.append(f"| {name} | " + ", ".join(f"{k} {v}" for k, v in numbers.items()) + " |")
+    for name, _, numbers in rows: lines.append(f"| {name} | " + numbers_text(numbers) + " |")
     return "\n".join(lines)
 
 def timing_line(rows:list[tuple[str, float, dict]], # (stage, seconds, numbers) per stage
