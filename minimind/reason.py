@@ -205,7 +205,7 @@ def reason_loss(model:nn.Module, # the model (possibly DDP-wrapped)
     return loss + out.aux_loss, {"ce": (ce.sum() / n).detach()}
 
 # %% ../nbs/09_reasoning.ipynb #ba09b645
-REASON_STEPS = 400  # default budget of `reason` without --steps or --epochs: about two epochs of reason.jsonl
+REASON_STEPS = 1600  # default budget of `reason` without --steps or --epochs: about four epochs of reason.jsonl
 
 def add_grading_args(p:argparse.ArgumentParser, # a stage's parser
                      n:int, # default number of held-out problems graded
@@ -220,16 +220,16 @@ def add_reason_args(p:argparse.ArgumentParser):
     p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/dpo/model)")
     add_data_flags(p, "reasoning JSONL files: conversations whose assistant turn is <think>...</think><answer>...</answer>",
                    "reason.jsonl", "reason_val.jsonl")
-    p.add_argument("--seq-len", type=int, default=512, help="inputs per packed training row")
+    p.add_argument("--seq-len", type=int, default=256, help="inputs per packed training row (a trace attends to the others packed with it: short rows, few neighbours)")
     p.add_argument("--too-long", choices=TOO_LONG, default="raise",
                    help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
     p.add_argument("--tag-weight", type=float, default=10.0,
                    help="loss weight of the <think> </think> <answer> </answer> targets (1: plain SFT; upstream uses 10)")
-    add_engine_args(p, REASON_STEPS, micro_batch=4, lr=1e-3, warmup=10)
+    add_engine_args(p, REASON_STEPS, micro_batch=4, lr=1e-3, warmup=10, eval_every=200)
     add_grading_args(p, 100)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/reason)")
 
-REASON_QUICK_ARGS = ("--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+REASON_QUICK_ARGS = ("--steps", "4", "--seq-len", "512", "--eval-every", "2", "--eval-batches", "1",  # (a quick tokenizer writes longer traces)
                      "--eval-samples", "8", "--max-new-tokens", "24", "--log-every", "1")
 
 # %% ../nbs/09_reasoning.ipynb #a045c7ba
