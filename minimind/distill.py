@@ -127,8 +127,8 @@ def add_distill_args(p:argparse.ArgumentParser):
                    help="the student's layout when there is no --init: teacher (some of the teacher's own layers, see `shrink`) or a preset")
     p.add_argument("--student-hidden", type=int, default=0, help="a preset student's width (0: the preset's)")
     p.add_argument("--student-layers", type=int, default=0, help="the student's number of layers (0: half the teacher's, or the preset's)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy with the labels; 1 - alpha goes to the KL")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (which is scaled by T^2)")
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of the cross-entropy with the labels; 1 - alpha goes to the KL")
+    p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of the KL term (which is scaled by T^2)")
     p.add_argument("--kl", choices=KL_KINDS, default="forward",
                    help="forward: KL(teacher || student), covers the teacher's modes; reverse: KL(student || teacher), seeks one")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,

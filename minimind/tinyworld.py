@@ -7,11 +7,11 @@ Docs: https://minimind-book.github.io/minimind/tinyworld.html.md"""
 # %% auto #0
 __all__ = ['PLOTS', 'ITEMS', 'IDENTITY_Q', 'IDENTITY_A', 'ASSISTANT_NAME', 'LORA_NAME', 'SYSTEM_PROMPTS', 'STORY_Q',
            'WRONG_IDENTITY', 'TASKS', 'TINYWORLD_VERSION', 'VAL_SEED_OFFSET', 'FILES', 'TINYWORLD_KINDS', 'DATA',
-           'fact_doc', 'story', 'sum_sentence', 'sums_doc', 'identity_qa', 'fact_qa', 'sum_qa', 'story_qa',
-           'sft_record', 'identity_record', 'qa_doc', 'pretrain_record', 'dpo_record', 'add_trace', 'sub_trace',
-           'arith_problem', 'count_problem', 'compare_problem', 'sort_problem', 'word_problem', 'think', 'problem',
-           'reason_record', 'rl_record', 'make_tinyworld', 'tinyworld', 'add_data_args', 'run_data', 'add_data_flags',
-           'data_inputs']
+           'fact_doc', 'story', 'sum_sentence', 'sums_doc', 'identity_qa', 'fact_qa', 'one_digit_sum', 'sum_qa',
+           'story_qa', 'sft_record', 'identity_record', 'qa_doc', 'pretrain_record', 'dpo_record', 'add_trace',
+           'sub_trace', 'arith_problem', 'count_problem', 'compare_problem', 'sort_problem', 'word_problem', 'think',
+           'problem', 'reason_record', 'rl_record', 'make_tinyworld', 'tinyworld', 'add_data_args', 'run_data',
+           'add_data_flags', 'data_inputs']
 
 # %% ../nbs/00c_tinyworld.ipynb #b3a42783
 import argparse
@@ -175,11 +175,15 @@ def fact_qa(rng:random.Random, lang:str)->tuple[str, str]:
     f = rng.choice(FACTS)
     return ask_fact(f, lang, rng), say_fact(f, lang, rng, template=0 if rng.random() < 0.7 else None)
 
-def sum_qa(rng:random.Random, lang:str)->tuple[str, str]:
-    "A one-digit sum or difference question and its answer."
+def one_digit_sum(rng:random.Random)->tuple[str, int, int, int]: # (op, a, b, result)
+    "A sum or difference of two digits from 1 to 9, never negative: the table the assistant learns."
     op, a, b = rng.choice("+-"), rng.randint(1, 9), rng.randint(1, 9)
     if op == "-" and a < b: a, b = b, a
-    c = a + b if op == "+" else a - b
+    return op, a, b, a + b if op == "+" else a - b
+
+def sum_qa(rng:random.Random, lang:str)->tuple[str, str]:
+    "A one-digit sum or difference question and its answer."
+    op, a, b, c = one_digit_sum(rng)
     if rng.random() < 0.5: # in words
         w = ("plus", "加") if op == "+" else ("minus", "减")
         return ((f"What is {en_num(a)} {w[0]} {en_num(b)}?", f"{capitalize(en_num(a))} {w[0]} {en_num(b)} is {en_num(c)}.") if lang == "en"
@@ -241,11 +245,9 @@ def pretrain_record(rng:random.Random, split:str="train")->dict:
 WRONG_IDENTITY = {"en": ["I am ChatGPT, made by OpenAI.", "I am a cat named Mimi.", "I do not know who I am."],
                   "zh": ["我是ChatGPT，由OpenAI开发。", "我是一只猫，名叫咪咪。", "我不知道我是谁。"]}
 
-def _wrong_sum(rng:random.Random, lang:str, split:str)->tuple[str, str, str]:
-    op = rng.choice("+-")
-    a, b = operands(rng, split, rng.choice((1, 2, 2, 3)), op)
-    c = a + b if op == "+" else a - b
-    wrong = c + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if c + d >= 0])
+def _wrong_sum(rng:random.Random, lang:str)->tuple[str, str, str]:
+    op, a, b, c = one_digit_sum(rng)  # the table SFT taught and the model half knows: there a preference teaches
+    wrong = c + rng.choice([d for d in (-2, -1, 1, 2) if c + d >= 0])
     q = f"What is {a} {op} {b}?" if lang == "en" else f"{a} {op} {b} 等于多少？"
     return q, f"{a} {op} {b} = {c}.", f"{a} {op} {b} = {wrong}."
 
@@ -261,8 +263,8 @@ def _truncated_story(rng:random.Random, lang:str, split:str)->tuple[str, str, st
 def dpo_record(rng:random.Random, split:str="train")->dict:
     "One preference pair: the same prompt, a chosen and a rejected answer."
     lang, r = rng.choice(("en", "zh")), rng.random()
-    if r < 0.4: q, good, bad = _wrong_fact(rng, lang)
-    elif r < 0.7: q, good, bad = _wrong_sum(rng, lang, split)
+    if r < 0.2: q, good, bad = _wrong_fact(rng, lang)
+    elif r < 0.7: q, good, bad = _wrong_sum(rng, lang)
     elif r < 0.8: q, good = identity_qa(rng, lang); bad = rng.choice(WRONG_IDENTITY[lang])
     else: q, good, bad = _truncated_story(rng, lang, split)
     prompt = _turns([], lang, rng, system_p=0.2) + [{"role": "user", "content": q}]
