@@ -26,6 +26,7 @@ from fastcore.basics import patch
 from torch import nn
 
 from .compute import autocast
+from .data import short_path
 from .engine import Trainer, TrainConfig
 from .hub import load_model, model_problem
 from .pretrain import add_checkpoint_args, add_optimizer_args
@@ -349,7 +350,7 @@ def run_grpo(args:argparse.Namespace, # the `grpo` stage's flags, inputs resolve
     grpo, cfg = grpo_configs(args)
     trainer = Trainer(model.train(), Rollouts(tok, records, grpo), GRPOLoss(grpo.clip_eps, grpo.beta, grpo.temperature), cfg,
                       count=completion_tokens)
-    say(f"grpo: from {args.init}; {len(records):,} problems in levels {trainer.source.levels}; {args.steps} rounds of "
+    say(f"grpo: from {short_path(args.init)}; {len(records):,} problems in levels {trainer.source.levels}; {args.steps} rounds of "
         f"{grpo.prompts} problems x {grpo.group_size} completions, {grpo.ppo_steps} optimizer steps each; "
         f"lr {cfg.lr}, beta {grpo.beta}, clip {grpo.clip_eps}; {trainer.world} process(es)")
     t0 = time.perf_counter()

@@ -337,7 +337,7 @@ def lora_conversations(args:argparse.Namespace, # the `lora` stage's flags, inpu
     if not args.val_data: return own, train, None
     held_out = list(read_jsonl(args.val_data, "sft"))
     val = other_topics(held_out, own)
-    say(f"held-out: {len(val)} of {len(held_out)} conversations in {args.val_data} ask no question of the training data")
+    say(f"held-out: {len(val)} of {len(held_out)} conversations in {short_path(args.val_data)} ask no question of the training data")
     return own, train, val or None
 
 def lora_eval(model:nn.Module, tok, # the model (adapted or not) and its tokenizer
@@ -371,7 +371,7 @@ def run_lora(args:argparse.Namespace, # the `lora` stage's flags, inputs resolve
     names = apply_lora(model, args.rank, args.alpha, args.dropout, args.targets)
     n_train, n_all = sum(p.numel() for p in lora_parameters(model)), sum(p.numel() for p in model.parameters())
     out = stage_folder(LORA, args)
-    say(f"lora: rank {args.rank}, alpha {args.alpha} on {len(names)} layers ({args.targets}) of {args.init}: "
+    say(f"lora: rank {args.rank}, alpha {args.alpha} on {len(names)} layers ({args.targets}) of {short_path(args.init)}: "
         f"{n_train:,} trainable parameters of {n_all:,} ({n_train / n_all:.2%}); train {train}; held-out {val}")
     trainer = Trainer(model.train(), train, causal_lm_loss, engine_config(args, out), val_data=val, collate_fn=sft_collate)
     result = trainer.fit()
@@ -385,7 +385,7 @@ def run_lora(args:argparse.Namespace, # the `lora` stage's flags, inputs resolve
     if complete and dist_context().is_main:
         adapter = save_lora(model, out/"adapter", AMP_DTYPES[args.adapter_dtype])
         numbers["adapter MB"] = round((adapter/ADAPTER_WEIGHTS).stat().st_size / 1e6, 3)
-        print(f"adapters alone (load with minimind.lora.load_lora onto {args.init}) in {short_path(adapter)}")
+        print(f"adapters alone (load with minimind.lora.load_lora onto {short_path(args.init)}) in {short_path(adapter)}")
     trainer.finish(tok, unload_lora(model) if complete else None)  # the merged model
     return numbers
 

@@ -182,7 +182,7 @@ def finish_pipeline(run_dir:Path, # the run folder
         for q, a in chat_samples(model_dir, chats[line]):
             print(f"\n> {q}\n{a}")
             samples.append((f"{q} ({model_dir.parent.name})", a))
-    print(f"\nreport: {write_report(run_dir, rows, samples)}")
+    print(f"\nreport: {short_path(write_report(run_dir, rows, samples))}")
 
 # %% ../nbs/90_cli.ipynb #61a2c50f
 def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[1:]`)
