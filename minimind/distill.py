@@ -31,9 +31,9 @@ from .tokenizer import MiniMindTokenizer
 # %% ../nbs/08_distill.ipynb #55c70c2d
 KL_KINDS = ("forward", "reverse")  # KL(teacher || student) or KL(student || teacher)
 
-def distill_loss(student_logits:torch.Tensor, # (B, T, V) the student's logits
+def distill_loss(student_logits:torch.Tensor, # (B, T, V) the student's logits (or (N, V) at chosen positions)
                  teacher_logits:torch.Tensor, # (B, T, V) the teacher's logits at the same positions
-                 labels:torch.Tensor, # (B, T) pre-shifted targets; -100 = not trained
+                 labels:torch.Tensor, # (B, T) pre-shifted targets (or (N,)); -100 = not trained
                  alpha:float=0.5, # weight of the cross-entropy with the labels; 1 - alpha goes to the KL
                  temperature:float=1.0, # both distributions are softmax(logits / temperature) in the KL
                  kind:str="forward", # "forward": KL(teacher || student); "reverse": KL(student || teacher)
@@ -71,18 +71,20 @@ class DistillLoss:
         self.alpha, self.temperature, self.kind = alpha, temperature, kind
 
     def teacher_logits(self, input_ids:torch.Tensor, # (B, T) token ids
-                      )->torch.Tensor: # (B, T, V), no graph
+                       keep:torch.Tensor|int=0, # (B, T) bool: score these positions only (0: all)
+                      )->torch.Tensor: # (B, T, V), or (N, V) at `keep`; no graph
         "The teacher's logits, computed without a graph on the device of `input_ids`."
         if self.teacher.lm_head.weight.device != input_ids.device: self.teacher.to(input_ids.device)
-        with torch.no_grad(): return self.teacher(input_ids).logits
+        with torch.no_grad(): return self.teacher(input_ids, logits_to_keep=keep).logits
 
     def __call__(self, model:nn.Module, # the student (possibly wrapped by DDP or torch.compile)
                  batch:dict, # "input_ids" and pre-shifted "labels", (B, T) each
                 )->tuple[torch.Tensor, dict]: # (loss, {"ce": ..., "kl": ...})
         if self.alpha == 1 and model.training: return causal_lm_loss(model, batch)  # the KL has no weight
-        teacher_logits = self.teacher_logits(batch["input_ids"])
-        out = model(batch["input_ids"])
-        loss, metrics = distill_loss(out.logits, teacher_logits, batch["labels"], self.alpha, self.temperature, self.kind)
+        keep = batch["labels"] != -100  # (B, T): both models score the trained positions only
+        teacher_logits = self.teacher_logits(batch["input_ids"], keep)  # (N, V)
+        out = model(batch["input_ids"], logits_to_keep=keep)
+        loss, metrics = distill_loss(out.logits, teacher_logits, batch["labels"][keep], self.alpha, self.temperature, self.kind)
         return loss + out.aux_loss, metrics
 
     def __repr__(self): return f"DistillLoss(alpha={self.alpha}, temperature={self.temperature}, kind={self.kind!r})"

@@ -56,9 +56,10 @@ def sequence_logps(model:nn.Module, # a causal LM whose forward returns `.logits
                    with_aux:bool=False, # also return the model's auxiliary (MoE load-balancing) loss
                   )->torch.Tensor|tuple: # (B,) summed log-prob of each row's targets (0 for a row without any)
     "The summed log-probability of each row's trained targets, from one forward pass over the batch."
-    out = model(input_ids)
-    nll = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    logps = -nll.view(labels.shape).sum(-1)  # (B,)
+    keep = labels != -100                                                       # (B, T) the reply's targets
+    out = model(input_ids, logits_to_keep=keep)                                 # logits (N, V) there only
+    nll = F.cross_entropy(out.logits.float(), labels[keep], reduction="none")  # (N,)
+    logps = -nll.new_zeros(labels.shape).masked_scatter(keep, nll).sum(-1)      # (B,)
     if not with_aux: return logps
     aux = getattr(out, "aux_loss", None)
     return logps, (aux if aux is not None else logps.new_zeros(()))

@@ -48,10 +48,10 @@ def causal_lm_loss(model:nn.Module, # the model (possibly wrapped by DDP or torc
                    batch:dict, # "input_ids" and aligned "labels", (B, T) each
                   )->tuple[torch.Tensor, dict]: # (loss, {"ce": cross-entropy})
     "Next-token cross-entropy averaged over the trained tokens (0 if there are none), plus the MoE auxiliary loss."
-    out = model(batch["input_ids"])
     labels = batch["labels"]
-    total = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    ce = total / (labels != -100).sum().clamp(min=1)
+    keep = labels != -100                                     # (B, T) the trained targets
+    out = model(batch["input_ids"], logits_to_keep=keep)      # logits (N, V): the head scores trained positions only
+    ce = F.cross_entropy(out.logits, labels[keep], reduction="sum") / keep.sum().clamp(min=1)
     return ce + out.aux_loss, {"ce": ce.detach()}
 
 # %% ../nbs/04b_engine.ipynb #1892baf2

@@ -86,11 +86,14 @@ def token_logprobs(model:nn.Module, # the model (the DDP wrapper when training u
                    input_ids:torch.Tensor, # (B, T)
                    targets:torch.Tensor, # (B, T) the token after each input
                    temperature:float=1.0, # the sampling temperature (logits are divided by it)
+                   mask:torch.Tensor|None=None, # (B, T) bool: score these targets only (the others get 0)
                   )->torch.Tensor: # (B, T) log p(target | prefix)
     "Log-probabilities of `targets` under the distribution the rollouts were sampled from."
-    logits = model(input_ids).logits.float()
+    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask
+    logits = model(input_ids, logits_to_keep=keep).logits.float()  # (N, V)
     if temperature != 1.0: logits = logits / temperature
-    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    logp = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+    return logp.new_zeros(targets.shape).masked_scatter(keep, logp)
 
 # %% ../nbs/09b_grpo.ipynb #07cb3a57
 def pack_rollouts(prompts:list[list[int]], # prompt ids per row
@@ -171,7 +174,7 @@ class GRPOLoss:
     "GRPO's loss for the engine: `loss(model, batch) -> (loss, {kl, clip_frac, ratio})` on a micro-batch of rollouts."
     def __init__(self, clip_eps:float=0.2, beta:float=0.04, temperature:float=1.0): self.clip_eps, self.beta, self.temperature = clip_eps, beta, temperature
     def __call__(self, model:nn.Module, batch:dict)->tuple[torch.Tensor, dict]:
-        logp = token_logprobs(model, batch["input_ids"], batch["targets"], self.temperature)
+        logp = token_logprobs(model, batch["input_ids"], batch["targets"], self.temperature, batch["mask"])
         return grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["mask"], self.clip_eps, self.beta)
 
 # %% ../nbs/09b_grpo.ipynb #f6bbf24a
@@ -238,8 +241,8 @@ def micro_batches(self:Rollouts, batch:dict)->list[dict]: # on the engine's devi
         T = int(b["mask"].any(0).nonzero().max()) + 1 if b["mask"].any() else 1  # columns after the last target: padding
         b = {k: (v[:, :T] if v.dim() == 2 else v).to(t.device) for k, v in b.items()}
         with autocast(t.device, t.dtype):
-            b["ref_logp"] = token_logprobs(self.ref, b["input_ids"], b["targets"], self.cfg.temperature)
-            b["old_logp"] = token_logprobs(t.model, b["input_ids"], b["targets"], self.cfg.temperature)  # the sampler
+            b["ref_logp"] = token_logprobs(self.ref, b["input_ids"], b["targets"], self.cfg.temperature, b["mask"])
+            b["old_logp"] = token_logprobs(t.model, b["input_ids"], b["targets"], self.cfg.temperature, b["mask"])  # the sampler
         mb.append(b)
     return mb
 

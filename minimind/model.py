@@ -423,7 +423,7 @@ class MiniMindModel(nn.Module):
 @dataclass
 class CausalLMOutput:
     "What `MiniMindForCausalLM.forward` returns."
-    logits:torch.Tensor  # (B, T, V) next-token scores (only the last `logits_to_keep` positions if set)
+    logits:torch.Tensor  # (B, T, V) next-token scores (the last `logits_to_keep` positions, or (N, V) at a mask's positions)
     loss:torch.Tensor|None = None  # mean next-token cross-entropy when labels were given
     aux_loss:torch.Tensor|None = None  # sum of the MoE layers' auxiliary losses (0 for a dense model)
     hidden_states:torch.Tensor|None = None  # (B, T, C) final normed hidden states
@@ -459,11 +459,12 @@ class MiniMindForCausalLM(nn.Module):
                 labels:torch.Tensor|None=None, # (B, T) targets, -100 = ignore; gives `.loss`
                 past_key_values=None, # KV cache (chapter 02b) or None
                 position_ids:torch.Tensor|None=None, # (B, T) explicit positions
-                logits_to_keep:int=0, # >0: compute logits for the last positions only
+                logits_to_keep:int|torch.Tensor=0, # >0: logits for the last positions only; a (B, T) bool mask: (N, V) for its positions
                )->CausalLMOutput:
         h = self.model(input_ids, attention_mask, position_ids, past_key_values)
-        if labels is not None and logits_to_keep: raise ValueError("labels need the logits of every position")
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        masked = torch.is_tensor(logits_to_keep)
+        if labels is not None and (masked or logits_to_keep): raise ValueError("labels need the logits of every position")
+        logits = self.lm_head(h[logits_to_keep] if masked else h[:, -logits_to_keep:] if logits_to_keep else h)
         aux = h.new_zeros(())
         if self.config.use_moe: aux = aux + sum(l.mlp.aux_loss for l in self.model.layers)
         return CausalLMOutput(logits=logits, loss=None if labels is None else lm_loss(logits, labels),

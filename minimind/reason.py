@@ -196,12 +196,12 @@ def reason_loss(model:nn.Module, # the model (possibly DDP-wrapped)
                 tag_weight:float=1.0, # weight of a tag target
                )->tuple[torch.Tensor, dict]: # (loss, {"ce": the plain cross-entropy})
     "Cross-entropy with tag targets weighted `tag_weight`, summed and divided by the number of trained targets."
-    out = model(batch["input_ids"])
     labels = batch["labels"]
-    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                         reduction="none").view(labels.shape)  # (B, T), 0 where not trained
-    n = (labels != -100).sum().clamp(min=1)
-    loss = (ce * tag_weights(labels, tag_ids, tag_weight)).sum() / n
+    keep = labels != -100                                                      # (B, T) the trained targets
+    out = model(batch["input_ids"], logits_to_keep=keep)                       # logits (N, V) at those only
+    ce = F.cross_entropy(out.logits.float(), labels[keep], reduction="none")  # (N,)
+    n = keep.sum().clamp(min=1)
+    loss = (ce * tag_weights(labels, tag_ids, tag_weight)[keep]).sum() / n
     return loss + out.aux_loss, {"ce": (ce.sum() / n).detach()}
 
 # %% ../nbs/09_reasoning.ipynb #ba09b645

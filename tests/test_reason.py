@@ -73,7 +73,7 @@ def test_tag_weighting_changes_only_tag_positions():
     for W in (1.0, 10.0):
         logits = model(ids).logits.detach().requires_grad_()
         class Fixed(torch.nn.Module):
-            def forward(self, _): return type("O", (), {"logits": logits, "aux_loss": torch.zeros(())})()
+            def forward(self, _, logits_to_keep): return type("O", (), {"logits": logits[logits_to_keep], "aux_loss": torch.zeros(())})()
         loss, metrics = reason_loss(Fixed(), {"input_ids": ids, "labels": labels}, [3, 4, 5, 6], W)
         loss.backward(); grads[W] = logits.grad
         if W == 1: assert metrics["ce"].item() == pytest.approx(loss.item())
