@@ -6,8 +6,8 @@ Docs: https://minimind-book.github.io/minimind/data.html.md"""
 
 # %% auto #0
 __all__ = ['ROLES', 'KINDS', 'TAGS', 'THINK', 'END_THINK', 'ANSWER', 'END_ANSWER', 'THINK_RE', 'SNIFF_KEYS', 'cache_dir',
-           'short_path', 'atomic_write', 'atomic_dir', 'write_jsonl', 'validate_record', 'DataError', 'parse_line',
-           'JsonlReader', 'read_jsonl', 'validate_file', 'sniff_kind', 'jsonl_problem']
+           'short_path', 'atomic_write', 'atomic_dir', 'write_jsonl', 'json_field', 'chat_parts', 'validate_record',
+           'DataError', 'parse_line', 'JsonlReader', 'read_jsonl', 'validate_file', 'sniff_kind', 'jsonl_problem']
 
 # %% ../nbs/00_data.ipynb #b3a10a0f
 import json
@@ -73,7 +73,7 @@ def write_jsonl(path:str|Path, # the file to write
     return atomic_write(path, lambda f: f.writelines((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records))
 
 # %% ../nbs/00_data.ipynb #9b64a507
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 KINDS = ("pretrain", "sft", "dpo", "reason", "rl")
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # R1-style reasoning tags (single tokens of our tokenizer)
 THINK, END_THINK, ANSWER, END_ANSWER = TAGS
@@ -83,6 +83,41 @@ def _field(obj:dict, key:str, where:str=""): # an object's field, or a clear err
     "Return `obj[key]`, raising `ValueError` that names the field when it is missing."
     if key not in obj: raise ValueError(f"{where}{key}: missing")
     return obj[key]
+
+def json_field(value, # a field's value: a JSON value, or a string holding one (upstream's layout)
+              )->object: # the value, decoded
+    "A minimind-3 message field (`tools`, `tool_calls`) as a Python value, whether stored as JSON or as a JSON string."
+    return json.loads(value) if isinstance(value, str) else value
+
+def _check_tool_fields(m:dict, at:str)->list: # the message's tool calls (empty if none)
+    "Raise `ValueError` naming a malformed `tools`, `tool_calls` or `reasoning_content` of message `m`."
+    def decoded(key):
+        try: return json_field(m[key])
+        except json.JSONDecodeError as e: raise ValueError(f"{at}.{key}: not valid JSON ({e.msg})") from None
+    if "reasoning_content" in m and not isinstance(m["reasoning_content"], str):
+        raise ValueError(f"{at}.reasoning_content: expected a string, got {type(m['reasoning_content']).__name__}")
+    if m.get("tools"):
+        if m["role"] != "system": raise ValueError(f"{at}.tools: only the system message lists tools")
+        tools = decoded("tools")
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise ValueError(f"{at}.tools: expected a list of tool objects")
+    if not m.get("tool_calls"): return []
+    if m["role"] != "assistant": raise ValueError(f"{at}.tool_calls: only assistant messages make tool calls")
+    calls = decoded("tool_calls")
+    if not isinstance(calls, list): raise ValueError(f"{at}.tool_calls: expected a list, got {type(calls).__name__}")
+    for j, c in enumerate(calls):
+        f = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise ValueError(f"{at}.tool_calls[{j}]: expected an object with a function name")
+        if not isinstance(f.get("arguments", {}), (dict, str)):
+            raise ValueError(f"{at}.tool_calls[{j}].arguments: expected an object or a JSON string")
+    return calls
+
+def chat_parts(msgs:list, # a record's messages
+              )->tuple[list, list|None]: # the messages with `tool_calls` decoded, and the system message's `tools` (or None)
+    "What a chat template takes from a conversation: its messages, and the tools listed on its system message."
+    tools = json_field(msgs[0]["tools"]) if msgs and msgs[0].get("tools") else None
+    return [m | {"tool_calls": json_field(m["tool_calls"])} if m.get("tool_calls") else m for m in msgs], tools
 
 def _check_messages(msgs, # the list of messages
                     field:str, # its name in the record, for error messages
@@ -98,7 +133,11 @@ def _check_messages(msgs, # the list of messages
         if role not in ROLES: raise ValueError(f"{at}.role: expected one of {'/'.join(ROLES)}, got {role!r}")
         if role == "system" and i > 0: raise ValueError(f"{at}.role: a system message may only come first")
         if not isinstance(content, str): raise ValueError(f"{at}.content: expected a string, got {type(content).__name__}")
-        if not content.strip() and not (placeholder_last and i == len(msgs) - 1): raise ValueError(f"{at}.content: empty")
+        calls = _check_tool_fields(m, at)
+        if not content.strip() and not calls and not (placeholder_last and i == len(msgs) - 1): raise ValueError(f"{at}.content: empty")
+        if role == "tool" and (i == 0 or msgs[i - 1]["role"] not in ("assistant", "tool") or
+                               (msgs[i - 1]["role"] == "assistant" and not msgs[i - 1].get("tool_calls"))):
+            raise ValueError(f"{at}.role: a tool result must follow an assistant turn's tool_calls")
     roles = {m["role"] for m in msgs}
     for need in ("user", "assistant"):
         if need not in roles: raise ValueError(f"{field}: needs at least one {need} turn")

@@ -6,9 +6,10 @@ Docs: https://minimind-book.github.io/minimind/sft.html.md"""
 
 # %% auto #0
 __all__ = ['ASSISTANT_HEADER', 'IGNORE', 'TOO_LONG', 'SFT_STEPS', 'SFT_QUICK_ARGS', 'SFT', 'assistant_spans',
-           'ConversationTooLong', 'tokenize_conversations', 'tokenize_conversation', 'prompt_ids', 'shift_labels',
-           'pack_best_fit', 'SFTDataset', 'sft_collate', 'gold_answers', 'graded_turns', 'story_requests', 'answer',
-           'sft_ce', 'greedy_replies', 'sft_eval', 'add_conversation_args', 'add_sft_args', 'run_sft']
+           'ConversationTooLong', 'chat_text', 'tokenize_conversations', 'tokenize_conversation', 'prompt_ids',
+           'shift_labels', 'pack_best_fit', 'SFTDataset', 'sft_collate', 'gold_answers', 'graded_turns',
+           'story_requests', 'answer', 'sft_ce', 'greedy_replies', 'sft_eval', 'add_conversation_args', 'add_sft_args',
+           'run_sft']
 
 # %% ../nbs/05_sft.ipynb #728f874a
 import argparse
@@ -23,7 +24,7 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import Dataset
 
-from .data import DataError, jsonl_problem, read_jsonl, short_path, validate_record
+from .data import DataError, chat_parts, jsonl_problem, read_jsonl, short_path, validate_record
 from .engine import Trainer, causal_lm_loss
 from .generate import generate_text
 from .hub import load_model, model_problem
@@ -51,11 +52,19 @@ def _pieces(text:str)->list[str]: # prompt, reply, prompt, reply, ..., prompt (t
 class ConversationTooLong(ValueError):
     "A conversation with more tokens than the row it must fit in."
 
+def chat_text(tok, # a `MiniMindTokenizer`
+              messages:list, # a conversation; tool fields as JSON or as JSON strings, tools on the system message
+              **kwargs, # more template variables (`add_generation_prompt`, `open_thinking`)
+             )->str: # the chat template's text
+    "A conversation through the tokenizer's chat template, with the tools its system message lists (chapter 13)."
+    msgs, tools = chat_parts(messages)
+    return tok.apply_chat_template(msgs, **({"tools": tools} if tools else {}), **kwargs)
+
 def tokenize_conversations(tok, # a `MiniMindTokenizer`
                            conversations:list, # lists of {"role", "content"} messages
                           )->list[tuple[np.ndarray, np.ndarray]]: # per conversation: ids (T,) int64, trained (T,) bool
     "Token ids of each conversation's chat-template text, and which of them the model is trained to produce."
-    pieces = [_pieces(tok.apply_chat_template(msgs)) for msgs in conversations]
+    pieces = [_pieces(chat_text(tok, msgs)) for msgs in conversations]
     enc = tok.encode_batch([p for ps in pieces for p in ps])  # every piece at once, in parallel in Rust
     out, k = [], 0
     for ps in pieces:
@@ -80,7 +89,7 @@ def prompt_ids(tok, # a `MiniMindTokenizer`
               )->list[int]: # ids of the chat text ending with `<|im_start|>assistant\n`
     "The ids a model continues to write the next assistant reply (the same ids `tokenize_conversation` gives that prefix)."
     if messages and messages[-1]["role"] == "assistant": messages = messages[:-1]
-    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    return tok.encode(chat_text(tok, messages, add_generation_prompt=True))
 
 # %% ../nbs/05_sft.ipynb #8192b333
 def shift_labels(ids:np.ndarray, # (T,) token ids of one row

@@ -1,0 +1,189 @@
+"""Chapter 13's pieces: the tools chat template against minimind-3's, tool-call parsing, and a registry that turns
+every bad call into an `error:` message for the model instead of an exception."""
+import json
+from pathlib import Path
+
+import pytest
+
+from minimind.tokenizer import render_chat_template, tinyworld_tokenizer
+from minimind.tools import (TOOLS_CHAT_TEMPLATE, Tool, ToolCall, ToolRegistry, assistant_message, lookup, parse_tool_calls,
+                            tinyworld_tools)
+
+ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers.",
+       "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+LOOK = {"type": "function", "function": {"name": "lookup", "description": "查一个事实。",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string"}, "field": {"type": "string", "enum": ["town", "colour"]}},
+                       "required": ["name", "field"]}}}
+def call(name, args): return {"type": "function", "function": {"name": name, "arguments": args}}
+Q = {"role": "user", "content": "What is 48213 + 9077?"}
+SYS = {"role": "system", "content": "You are MiniMind."}
+
+# (messages, tools, add_generation_prompt, open_thinking); tests/golden/minimind3_chat_template.json holds what
+# minimind-3's own template (upstream model/tokenizer_config.json, 2026) renders for each, through transformers 5.25
+CASES = [
+    ([Q], None, True, None),  # no tools, thinking off by default
+    ([Q], None, True, True),  # thinking on
+    ([SYS, Q], None, True, False),  # a system message, thinking off explicitly
+    ([Q], [ADD], True, None),  # tools
+    ([SYS, Q], [ADD, LOOK], True, True),  # a system message and two tools
+    ([Q, {"role": "assistant", "content": "", "tool_calls": [call("add", {"a": 48213, "b": 9077})]},  # a call and its result
+      {"role": "tool", "content": "57290"}], [ADD], True, None),
+    ([Q, {"role": "assistant", "content": "Let me add.", "reasoning_content": "big numbers",  # text, reasoning, string arguments
+          "tool_calls": [call("add", '{"a": 48213, "b": 9077}')]},
+      {"role": "tool", "content": "57290"}, {"role": "assistant", "content": "57290"}], [ADD], False, None),
+    ([{"role": "user", "content": "皮皮住在哪里？它是什么颜色？"},  # two calls in one reply, two results in one turn
+      {"role": "assistant", "content": "", "tool_calls": [call("lookup", {"name": "皮皮", "field": "town"}),
+                                                          call("lookup", {"name": "皮皮", "field": "colour"})]},
+      {"role": "tool", "content": "枫叶镇"}, {"role": "tool", "content": "黄色"}], [LOOK], True, True),
+    ([Q, {"role": "assistant", "content": "<think>\nI should add.\n</think>\n\n57290"}], None, False, None),  # reasoning in the content
+    ([Q, {"role": "assistant", "content": "<think>I should add.</think>57290"}, {"role": "user", "content": "And minus 1?"}],
+     [ADD], True, False),
+    ([Q, {"role": "assistant", "content": "", "tool_calls": [{"name": "add", "arguments": {"a": 48213, "b": 9077}}]},  # multi-step
+      {"role": "tool", "content": "57290"}, {"role": "assistant", "content": "", "tool_calls": [call("add", {"a": 57290, "b": -1})]},
+      {"role": "tool", "content": "57289"}, {"role": "assistant", "content": "57289"}], [ADD], False, None),
+    ([SYS, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "bye"}], None, True, None),  # a later system message
+]
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "minimind3_chat_template.json").read_text(encoding="utf-8"))
+
+
+def kwargs(tools, think): return {"tools": tools, **({} if think is None else {"open_thinking": think})}
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_template_renders_as_minimind3(i):
+    msgs, tools, gen, think = CASES[i]
+    assert render_chat_template(msgs, TOOLS_CHAT_TEMPLATE, add_generation_prompt=gen, **kwargs(tools, think)) == GOLDEN[i]
+
+
+def test_template_through_transformers():
+    "transformers' own apply_chat_template renders our template to the same bytes."
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tinyworld_tokenizer(small=True))
+    for (msgs, tools, gen, think), want in zip(CASES, GOLDEN):
+        got = hf.apply_chat_template(msgs, chat_template=TOOLS_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=gen,
+                                     **kwargs(tools, think))
+        assert got == want
+
+
+def test_golden_file_matches_the_cases():
+    assert len(GOLDEN) == len(CASES) >= 10
+
+
+@pytest.mark.parametrize("text, error", [
+    ('<tool_call>{"name": "add", "arguments": {"a": 1,}}</tool_call>', "not valid JSON"),
+    ('<tool_call>["add", 1, 2]</tool_call>', 'needs a JSON object with a "name" string'),
+    ('<tool_call>{"arguments": {}}</tool_call>', 'needs a JSON object with a "name" string'),
+    ('<tool_call>{"name": "add", "arguments": "{a: 1}"}</tool_call>', "arguments are not valid JSON"),
+    ('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>', '"arguments" must be a JSON object'),
+    ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}', "was not closed"),
+])
+def test_malformed_calls_become_errors(text, error):
+    (c,) = parse_tool_calls(text)
+    assert error in c.error
+    assert tinyworld_tools().call(c).startswith("error: ")
+
+
+def test_calls_parse_in_order_with_string_arguments():
+    text = ('<think>\nadd then look\n</think>\n\n<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>\n'
+            '<tool_call>\n{"name": "lookup", "arguments": {"name": "Pip", "field": "town"}}\n</tool_call>')
+    assert parse_tool_calls(text) == [ToolCall("add", {"a": 1, "b": 2}), ToolCall("lookup", {"name": "Pip", "field": "town"})]
+    assert parse_tool_calls("7 + 8 = 15") == []
+
+
+@pytest.mark.parametrize("c, want", [
+    (ToolCall("add", {"a": 48213, "b": 9077}), "57290"),
+    (ToolCall("multiply", {"a": -12, "b": 34}), "-408"),
+    (ToolCall("lookup", {"name": "Pip", "field": "colour"}), "yellow"),
+    (ToolCall("lookup", {"name": "皮皮", "field": "town"}), "枫叶镇"),
+    (ToolCall("divide", {"a": 1, "b": 2}), "error: unknown tool 'divide' (tools: add, subtract, multiply, lookup)"),
+    (ToolCall("add", {"a": "1", "b": 2}), "error: add: argument 'a' must be an integer, got \"1\""),
+    (ToolCall("add", {"a": True, "b": 2}), "error: add: argument 'a' must be an integer, got true"),
+    (ToolCall("add", {"a": 1.5, "b": 2}), "error: add: argument 'a' must be an integer, got 1.5"),
+    (ToolCall("add", {"a": 1}), "error: add: missing argument 'b'"),
+    (ToolCall("add", {"a": 1, "b": 2, "c": 3}), "error: add: unknown argument 'c' (expected 'a', 'b')"),
+    (ToolCall("lookup", {"name": "Pip", "field": "age"}), 'error: lookup: argument \'field\' must be one of "animal", "colour", "town", "food", got "age"'),
+    (ToolCall("lookup", {"name": "Nobody", "field": "town"}), "error: lookup failed: ValueError: no creature called 'Nobody' in TinyWorld"),
+])
+def test_registry_runs_good_calls_and_explains_bad_ones(c, want):
+    assert tinyworld_tools().call(c) == want
+
+
+def test_a_tool_that_raises_does_not_escape():
+    def boom(x): raise RuntimeError("disk on fire")
+    reg = ToolRegistry([Tool("boom", "Always fails.", {"type": "object", "properties": {"x": {"type": "number"}}}, boom)])
+    assert reg.call(ToolCall("boom", {"x": 1})) == "error: boom failed: RuntimeError: disk on fire"
+    assert reg.call(ToolCall("boom", {"x": 2.5})).startswith("error: boom failed")  # a number may be an int or a float
+
+
+def test_call_limit_per_conversation():
+    reg = tinyworld_tools(max_calls=3)
+    one = ToolCall("add", {"a": 1, "b": 1})
+    assert [m["content"] for m in reg.answer([one, one], made=0)] == ["2", "2"]
+    assert [m["content"] for m in reg.answer([one, one], made=2)] == ["2", "error: too many tool calls (at most 3 in one conversation)"]
+    assert all(m["role"] == "tool" for m in reg.answer([one], made=5))
+
+
+def test_specs_are_what_the_template_lists():
+    specs = tinyworld_tools().specs()
+    assert [s["function"]["name"] for s in specs] == ["add", "subtract", "multiply", "lookup"]
+    prompt = render_chat_template([Q], TOOLS_CHAT_TEMPLATE, add_generation_prompt=True, tools=specs)
+    assert all(json.dumps(s, ensure_ascii=False) in prompt for s in specs)
+
+
+def test_assistant_message_round_trips_a_reply():
+    reply = ('<think>\nBig numbers.\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 48213, "b": 9077}}\n</tool_call>')
+    msgs = [Q, assistant_message(reply), *tinyworld_tools().answer(parse_tool_calls(reply))]
+    prompt = render_chat_template(msgs, TOOLS_CHAT_TEMPLATE, add_generation_prompt=True, tools=[ADD])
+    assert f"<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\n<tool_response>\n57290\n</tool_response><|im_end|>\n" in prompt
+
+
+def test_lookup_agrees_with_the_world():
+    assert (lookup("Mimi", "animal"), lookup("咪咪", "animal"), lookup("Mimi", "food")) == ("cat", "猫", "fish")
+
+
+def test_tool_tasks_validate_and_their_answers_come_from_the_tools():
+    from minimind.data import chat_parts, validate_record
+    from minimind.tools import TOOL_TASKS, tool_conversations
+    recs = tool_conversations(50, seed=3)
+    assert {r["task"] for r in recs} == set(TOOL_TASKS)
+    for r in recs:
+        validate_record(r, "sft")
+        msgs, tools = chat_parts(r["conversations"])
+        names = {t["function"]["name"] for t in tools}
+        calls = [c["function"] for m in msgs for c in m.get("tool_calls", [])]
+        assert {c["name"] for c in calls} <= names and len(names) == 2  # a choice: one tool not needed, or the two of a two-step task
+        results = [m["content"] for m in msgs if m["role"] == "tool"]
+        assert results == [tinyworld_tools().call(ToolCall(c["name"], c["arguments"])) for c in calls]
+        assert results[-1] == r["answer"] and r["answer"] in msgs[-1]["content"]
+
+
+def test_sft_trains_the_calls_not_the_results(tok):
+    "With the tools template, an SFT row trains the assistant's calls and answer, never the tool's result or the tool list."
+    import numpy as np
+    from minimind.sft import tokenize_conversations
+    from minimind.tools import tool_task
+    import random
+    tok3 = type(tok)(tok.tokenizer, chat_template=TOOLS_CHAT_TEMPLATE)
+    r = tool_task(random.Random(0), "add")
+    (ids, trained), = tokenize_conversations(tok3, [r["conversations"]])
+    text = lambda m: tok3.decode(ids[m].tolist())
+    assert '<tool_call>\n{"name": "add"' in text(trained) and r["answer"] in text(trained)
+    assert "<tool_response>" not in text(trained) and "# Tools" not in text(trained) and "# Tools" in text(~trained)
+    assert text(trained).count("<|im_end|>") == 2  # both assistant turns, through their ends
+
+
+@pytest.mark.parametrize("reply, answer, ok", [("48213 + 9077 = 57290.", "57290", True), ("It is 157290.", "57290", False),
+                                               ("结果是-12。", "-12", True), ("皮皮住在枫叶镇。", "枫叶镇", True), ("Pip is red.", "yellow", False)])
+def test_reply_has(reply, answer, ok):
+    from minimind.tools import reply_has
+    assert reply_has(reply, answer) == ok
+
+
+def test_a_malformed_call_stays_in_the_history_and_its_error_follows():
+    reply = '<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call>'
+    msg = assistant_message(reply)
+    assert msg["content"] == reply and "tool_calls" not in msg
+    results = tinyworld_tools().answer(parse_tool_calls(reply))
+    assert results[0]["content"].startswith("error: the tool call is not valid JSON")
+    render_chat_template([Q, msg, *results], TOOLS_CHAT_TEMPLATE, add_generation_prompt=True, tools=[ADD])  # renders
