@@ -13,6 +13,7 @@ __all__ = ['CHAT_LINE', 'MODEL_STAGES', 'THINK_TAGS', 'DIM', 'RESET', 'resolve_m
 # %% ../nbs/10_chat.ipynb #4a05abd7
 import argparse
 import html
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from .generate import held_back, stream
 from .hub import WEIGHT_FILES, load_model
 from .model import MiniMindForCausalLM
 from .runs import Parser, number
+from .sft import chat_text
 from .tokenizer import MiniMindTokenizer
+from .tools import TOOLS_CHAT_TEMPLATE, TOOLS_SYSTEM, ToolRegistry, assistant_message, parse_tool_calls, tinyworld_tools
 
 # %% ../nbs/10_chat.ipynb #12442aa6
 CHAT_LINE = ("dpo", "sft", "pretrain")  # a run folder's chat models, newest first: the default model of a run folder
@@ -171,8 +174,11 @@ class ChatSession:
                  repetition_penalty:float=1.0, # 1 = off
                  seed:int|None=None, # seeds the session's random generator (reproducible conversations)
                  context:int|None=None, # positions for history + reply (default: the model's max_position_embeddings)
+                 tools:ToolRegistry|None=None, # tools the model may call (chapter 13); the tokenizer's template must render them
+                 max_rounds:int=4, # with tools: replies per message (each may call tools)
                 ):
         self.model, self.tokenizer, self.system, self.max_new_tokens = model, tokenizer, system, max_new_tokens
+        self.tools, self.max_rounds = tools, max_rounds
         self.context = context or model.config.max_position_embeddings
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
         self.generator = torch.Generator(model.lm_head.weight.device)
@@ -183,38 +189,52 @@ class ChatSession:
     def reset(self):
         "Forget the conversation."
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.dropped, self.last = 0, None  # exchanges dropped to fit the context; the last reply's parts
+        if self.tools: self.messages = [{"role": "system", "content": self.system or TOOLS_SYSTEM["en"], "tools": self.tools.specs()}]
+        self.dropped, self.last, self.calls = 0, None, 0  # exchanges dropped to fit the context; the last reply's parts; tool calls made
 
     def prompt(self, text:str, # the new user message
               )->list[dict]: # the messages to generate from
         "The history plus `text`, without the oldest exchanges that do not fit next to `max_new_tokens`."
-        head = self.messages[:1] if self.system else []
+        head = self.messages[:1] if self.messages and self.messages[0]["role"] == "system" else []
         turns = self.messages[len(head):] + [{"role": "user", "content": text}]
         room = self.context - self.max_new_tokens
-        n_tokens = lambda m: len(self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True))
+        n_tokens = lambda m: len(self.tokenizer.encode(chat_text(self.tokenizer, m, add_generation_prompt=True)))
         while n_tokens(head + turns) > room:
             if len(turns) == 1: raise ValueError(f"the message has {n_tokens(head + turns)} tokens with the system "
                                                  f"prompt; at most {room} fit next to max_new_tokens={self.max_new_tokens}")
-            turns = turns[2:]; self.dropped += 1  # one user/assistant exchange
+            turns = turns[1:]  # one exchange: the user turn, the replies and tool results up to the next user turn
+            while turns[0]["role"] != "user": turns = turns[1:]
+            self.dropped += 1
         return head + turns
 
 # %% ../nbs/10_chat.ipynb #648f3194
 @patch
 def send(self:ChatSession, text:str, # the user's message
-        )->Iterator[tuple[str, str]]: # ("reasoning" or "content", text) pieces as they are generated
-    "Stream the reply to `text` and add the exchange to the history (also when stopped early)."
+        )->Iterator[tuple[str, str]]: # ("reasoning", "content" or "tool", text) pieces as they are generated
+    "Stream the reply to `text` and add the exchange to the history (also when stopped early). With tools, each call runs and its result (a `tool` piece) goes back to the model for another reply."
     msgs = self.prompt(text)
-    parts, splitter = {"reasoning": "", "content": ""}, ThinkSplitter()
+    parts = {"reasoning": "", "content": ""}
     try:
-        for piece in stream(self.model, self.tokenizer, msgs, self.max_new_tokens, generator=self.generator, **self.sampling):
-            for ch, t in splitter.push(piece):
+        for _ in range(self.max_rounds if self.tools else 1):
+            parts, splitter = {"reasoning": "", "content": ""}, ThinkSplitter()
+            prompt = chat_text(self.tokenizer, msgs, add_generation_prompt=True)
+            for piece in stream(self.model, self.tokenizer, prompt, self.max_new_tokens, generator=self.generator, **self.sampling):
+                for ch, t in splitter.push(piece):
+                    parts[ch] += t
+                    yield ch, t
+            for ch, t in splitter.flush():
                 parts[ch] += t
                 yield ch, t
-        for ch, t in splitter.flush():
-            parts[ch] += t
-            yield ch, t
+            calls = parse_tool_calls(parts["content"]) if self.tools else []
+            if not calls: break
+            results = self.tools.answer(calls, self.calls)  # runs the calls (an `error:` result for a bad one)
+            self.calls += len(calls)
+            for c, r in zip(calls, results):
+                yield "tool", f"{c.name or '?'}({json.dumps(c.arguments, ensure_ascii=False)}) -> {r['content']}\n"
+            msgs = msgs + [assistant_message(f"<think>\n{parts['reasoning']}\n</think>\n\n{parts['content']}"), *results]
+            parts = {"reasoning": "", "content": ""}
     finally:  # a reply cut short by Ctrl-C or a closed widget still becomes part of the conversation
-        self.messages = msgs + [{"role": "assistant", "content": parts["content"]}]
+        self.messages = msgs + ([{"role": "assistant", "content": parts["content"]}] if parts["content"] else [])
         self.last = parts
 
 @patch
@@ -235,6 +255,9 @@ def print_reply(pieces:Iterator[tuple[str, str]], # (channel, text) pieces from 
     out = out or sys.stdout
     color, channel = out.isatty(), "content"
     for ch, text in pieces:
+        if ch == "tool":  # a tool call and its result, on a line of its own
+            out.write((RESET if color and channel == "reasoning" else "") + "\n[tool] " + text); channel = "content"
+            continue
         if ch == "reasoning":
             if not show_think: continue
             if channel != "reasoning": out.write(DIM if color else "[think] "); channel = "reasoning"
@@ -262,6 +285,7 @@ def repl(session:ChatSession, # the conversation
         out.write("minimind> ")
         try: print_reply(session.send(line), show_think, out)
         except KeyboardInterrupt: out.write(" [stopped]")
+        except ValueError as e: out.write(f"error: {e}")  # a message that cannot fit the model's context
         out.write("\n")
 
 # %% ../nbs/10_chat.ipynb #22784de1
@@ -298,6 +322,8 @@ def build_parser()->argparse.ArgumentParser:
     add_model_args(p); add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     p.add_argument("--context", type=int, default=None, help="positions for history + reply (default: the model's maximum)")
+    p.add_argument("--tools", action="store_true", help="let the model call TinyWorld's tools (add, subtract, multiply, lookup; "
+                   "chapter 13) and show each call; a chat template without tools is replaced by minimind-3's")
     p.add_argument("--think", action="store_true", help="show think traces (toggle with /think)")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="answer this message and exit instead of chatting (repeat for several turns)")
@@ -308,11 +334,13 @@ def main(argv:list[str]|None=None, # command-line arguments (default: sys.argv[1
     "Entry point of `python -m minimind.chat`."
     args = build_parser().parse_args(argv)
     cm = load_from_args(args)
+    if args.tools and "tools" not in (cm.tokenizer.chat_template or ""): cm.tokenizer.chat_template = TOOLS_CHAT_TEMPLATE
     session = ChatSession(cm.model, cm.tokenizer, args.system, args.max_new_tokens, args.temperature, args.top_p,
-                          args.top_k, args.repetition_penalty, args.seed, args.context)
+                          args.top_k, args.repetition_penalty, args.seed, args.context, tinyworld_tools() if args.tools else None)
     if args.prompt:
         for text in args.prompt:
-            print_reply(session.send(text), args.think); print()
+            try: print_reply(session.send(text), args.think); print()
+            except ValueError as e: sys.exit(f"error: {e}")  # a message that cannot fit the model's context
         return
     print(f"{cm.name} ({short_path(cm.path)}); /reset clears the conversation, /think shows or hides think traces, /exit leaves")
     repl(session, args.think)
@@ -342,7 +370,7 @@ class ChatWidget:
             )->str: # the answer
         "Send `text` and stream the reply into the transcript."
         if not text.strip(): return ""
-        self.box.value, turn = "", {"user": text, "reasoning": "", "content": ""}
+        self.box.value, turn = "", {"user": text, "reasoning": "", "content": "", "tool": ""}
         self.turns.append(turn)
         for ch, piece in self.session.send(text):
             turn[ch] += piece
@@ -357,7 +385,8 @@ def _render(self:ChatWidget):
         rows.append(f"<div><b>you:</b> {html.escape(t['user'])}</div>")
         trace = (f"<div style='color:#888;font-style:italic;white-space:pre-wrap'>{html.escape(t['reasoning'])}</div>"
                  if t["reasoning"] and self.think.value else "")
-        rows.append(f"<div><b>minimind:</b>{trace}<span style='white-space:pre-wrap'>{html.escape(t['content'])}</span></div>")
+        tools = f"<div style='color:#555;white-space:pre-wrap'>{html.escape(t['tool'])}</div>" if t.get("tool") else ""
+        rows.append(f"<div><b>minimind:</b>{trace}{tools}<span style='white-space:pre-wrap'>{html.escape(t['content'])}</span></div>")
     self.log.value = "\n".join(rows)
 
 @patch

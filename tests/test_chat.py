@@ -166,3 +166,50 @@ def test_widget_streams_escaped_text(quick):
     assert reply == generate_text(quick.model, quick.tokenizer, [[{"role": "user", "content": "<b>hi</b>"}]], 12, temperature=0)[0]
     w.reset()
     assert w.log.value == "" and w.session.messages == []
+
+
+# ---- tools (chapter 13) ----------------------------------------------------------------------------------------
+
+def scripted(monkeypatch, replies):
+    "Replace the model's streamed replies with `replies`, in turn; return the prompts it was given."
+    import minimind.chat as chat
+    prompts, it = [], iter(replies)
+    def fake_stream(model, tokenizer, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        yield next(it)
+    monkeypatch.setattr(chat, "stream", fake_stream)
+    return prompts
+
+
+def test_session_with_tools_runs_each_call_shows_it_and_answers_from_the_result(monkeypatch, quick):
+    from minimind.tools import TOOLS_CHAT_TEMPLATE, tinyworld_tools
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 48213, "b": 9077}}\n</tool_call>'
+    bad = '<tool_call>\n{"name": "add", "arguments": {"a": "48213"}}\n</tool_call>'
+    prompts = scripted(monkeypatch, [call, bad, "48213 + 9077 = 57290."])
+    tok = copy.copy(quick.tokenizer); tok.chat_template = TOOLS_CHAT_TEMPLATE
+    s = ChatSession(quick.model, tok, tools=tinyworld_tools(), context=4096)  # (the stand-in replies need no positions)
+    pieces = list(s.send("What is 48213 + 9077?"))
+    assert [t for ch, t in pieces if ch == "tool"] == ['add({"a": 48213, "b": 9077}) -> 57290\n',
+                                                       'add({"a": "48213"}) -> error: add: missing argument \'b\'\n']
+    assert "# Tools" in prompts[0] and "<tool_response>\n57290\n</tool_response>" in prompts[1]
+    assert "<tool_response>\nerror: add: missing argument 'b'\n</tool_response>" in prompts[2]
+    assert [m["role"] for m in s.messages] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert s.last["content"] == "48213 + 9077 = 57290." and s.calls == 2
+    out = io.StringIO(); print_reply(iter(pieces), out=out)
+    assert "\n[tool] add(" in out.getvalue() and out.getvalue().endswith("57290.")
+
+
+def test_session_with_tools_stops_after_max_rounds(monkeypatch, quick):
+    from minimind.tools import TOOLS_CHAT_TEMPLATE, tinyworld_tools
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 1}}\n</tool_call>'
+    prompts = scripted(monkeypatch, [call] * 10)
+    tok = copy.copy(quick.tokenizer); tok.chat_template = TOOLS_CHAT_TEMPLATE
+    s = ChatSession(quick.model, tok, tools=tinyworld_tools(max_calls=2), max_rounds=3, context=4096)
+    tools = [t for ch, t in s.send("1 + 1?") if ch == "tool"]
+    assert len(prompts) == 3 and tools[-1].endswith("error: too many tool calls (at most 2 in one conversation)\n")
+
+
+def test_command_line_with_tools_says_when_the_tool_list_does_not_fit(quick):
+    "The quick model has 512 positions; the tools' system turn alone is longer: one error line, no traceback."
+    out = chat_cli("--model", quick.path, "--tools", "--temperature", "0", "--max-new-tokens", "12", "--prompt", "What is 48213 + 9077?")
+    assert out.returncode == 1 and out.stderr.startswith("error: the message has") and "Traceback" not in out.stderr
