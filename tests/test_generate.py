@@ -256,7 +256,7 @@ def test_stop_strings_cut_the_stream(tok):
 def test_stop_filter_equals_cutting_the_whole_text(text, sizes, stops):
     "However the text arrives in pieces, they join to the text cut before its first stop string."
     f, bounds = StopFilter(stops), [0]
-    while bounds[-1] < len(text): bounds.append(min(bounds[-1] + sizes[len(bounds)], len(text)))  # pieces of 1-3 characters
+    while bounds[-1] < len(text): bounds.append(min(bounds[-1] + sizes[len(bounds) - 1], len(text)))  # pieces of 1-3 characters
     first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
     out, longest = "", max((len(s) for s in stops), default=1)
     for a, b in zip(bounds, bounds[1:]):
