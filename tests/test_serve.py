@@ -13,10 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+import minimind.serve as serve
 from minimind.chat import ChatModel
 from minimind.generate import generate_text
 from minimind.serve import (APIError, BackgroundServer, Job, Limits, RoundRobinScheduler, build_parser, make_app,
                             parse_chat_request)
+from minimind.tools import Tool, ToolRegistry, tinyworld_tools, tools_tokenizer
+from minimind.tokenizer import tinyworld_tokenizer
 
 from conftest import micro, run_cli
 
@@ -154,6 +157,12 @@ def test_client_disconnect_stops_generation(random_server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # still serving
 
 
+CALC = {"type": "function", "function": {"name": "add", "description": "Add two integers: a + b.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+CALLED = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                               "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]}
+
+
 @pytest.mark.parametrize("what,body,status,param", [
     ("bad JSON", b'{"model": ', 400, None),
     ("not an object", b'[1, 2]', 400, None),
@@ -180,7 +189,30 @@ def test_client_disconnect_stops_generation(random_server):
     ("stream not bool", {"stream": "yes"}, 400, "stream"),
     ("n = 2", {"n": 2}, 400, "n"),
     ("unknown field", {"temprature": 0.5}, 400, "temprature"),
-    ("tools", {"tools": [{"type": "function"}]}, 400, "tools"),
+    ("a 5000-digit number", b'{"model": "m", "seed": ' + b"7" * 5000 + b"}", 400, None),
+    ("tools not a list", {"tools": {"add": {}}}, 400, "tools"),
+    ("tool without function", {"tools": [{"type": "function"}]}, 400, "tools[0]"),
+    ("bad tool name", {"tools": [CALC, {"type": "function", "function": {"name": "two words"}}]}, 400, "tools[1].function.name"),
+    ("tool listed twice", {"tools": [CALC, CALC]}, 400, "tools[1].function.name"),
+    ("tool parameters not a schema", {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}, 400, "tools[0].function.parameters"),
+    ("role marker in a tool", {"tools": [{"type": "function", "function": {"name": "f", "description": "<|im_end|>"}}]}, 400, "tools[0]"),
+    ("unknown tool_choice", {"tools": [CALC], "tool_choice": "sometimes"}, 400, "tool_choice"),
+    ("tool_choice names no tool", {"tools": [CALC], "tool_choice": {"type": "function", "function": {"name": "mul"}}}, 400, "tool_choice.function.name"),
+    ("required without tools", {"tool_choice": "required"}, 400, "tool_choice"),
+    ("forced call and thinking", {"tools": [CALC], "tool_choice": "required", "chat_template_kwargs": {"enable_thinking": True}}, 400, "tool_choice"),
+    ("tool message without a call", {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c", "content": "3"}]}, 400, "messages[1].role"),
+    ("tool message after plain reply", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                                      {"role": "tool", "tool_call_id": "c", "content": "3"}]}, 400, "messages[2].role"),
+    ("tool_call_id of no call", {"messages": [{"role": "user", "content": "a"}, CALLED, {"role": "tool", "tool_call_id": "call_9", "content": "3"}]}, 400, "messages[2].tool_call_id"),
+    ("call arguments not JSON", {"messages": [{"role": "user", "content": "a"}, {**CALLED, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{a: 1"}}]}]}, 400, "messages[1].tool_calls[0].function.arguments"),
+    ("null content without calls", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]}, 400, "messages[1].content"),
+    ("reasoning not text", {"messages": [{"role": "user", "content": "a"}, {**CALLED, "reasoning_content": 3}]}, 400, "messages[1].reasoning_content"),
+    ("chat_template_kwargs not an object", {"chat_template_kwargs": "think"}, 400, "chat_template_kwargs"),
+    ("chat_template_kwargs unknown key", {"chat_template_kwargs": {"temperature": 1}}, 400, "chat_template_kwargs.temperature"),
+    ("enable_thinking not a bool", {"chat_template_kwargs": {"enable_thinking": "yes"}}, 400, "chat_template_kwargs.enable_thinking"),
+    ("thinking switches disagree", {"chat_template_kwargs": {"enable_thinking": True, "open_thinking": False}}, 400, "chat_template_kwargs"),
+    ("one call per reply", {"tools": [CALC], "parallel_tool_calls": False}, 400, "parallel_tool_calls"),
 ])
 def test_bad_requests_get_openai_errors(random_server, what, body, status, param):
     srv, app, cm = random_server
@@ -330,3 +362,228 @@ def test_chat_page_streams_a_reply_in_chromium(server):
     want = generate_text(cm.model, cm.tokenizer, [[{"role": "user", "content": "Who are you?"}]], 40, temperature=0, top_p=0.9)[0]
     assert errors == 0 and reply == want
     assert chunks >= 3  # the role chunk, several content pieces, the finish chunk: it was streamed
+
+
+# ---- tools over the API --------------------------------------------------------------------------------------
+
+def _boom(): raise ZeroDivisionError("the tool broke")
+
+
+@pytest.fixture(scope="module")
+def tool_server(tok):
+    "A server with TinyWorld's tools and two broken ones; the model's text comes from the `script` fixture."
+    cm = ChatModel(micro(vocab_size=len(tok)).eval(), tok, Path("micro"))
+    registry = ToolRegistry([*tinyworld_tools().tools.values(),
+                             Tool("boom", "Always fails.", {"type": "object", "properties": {}}, _boom),
+                             Tool("odd", "Returns what JSON cannot write.", {"type": "object", "properties": {}}, lambda: {1, 2})])
+    app = make_app(cm, limits=Limits(context=4096), tools=registry)
+    with BackgroundServer(app) as srv:
+        yield srv, app, cm
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """The model's replies, scripted: each request the scheduler runs takes the next text, in 2-character pieces (so
+    tags arrive split), and is recorded. A random model never writes a tool call; this one writes what a test says."""
+    state = {"replies": [], "requests": []}
+    def pieces(model, tokenizer, job):
+        state["requests"].append(job.request)
+        text, job.finish_reason = state["replies"].pop(0), "stop"
+        for k in range(0, len(text), 2):
+            job.completion_tokens += 1
+            yield text[k:k + 2]
+    monkeypatch.setattr(serve, "completion_pieces", pieces)  # the scheduler looks it up on each job
+    return state
+
+
+def call_text(tool, **args): return f'<tool_call>\n{json.dumps({"name": tool, "arguments": args})}\n</tool_call>'
+
+
+def prompt_of(state, cm, i=-1): return cm.tokenizer.decode(state["requests"][i].prompt_ids)
+
+
+def test_tool_calls_reach_the_openai_client_plain_and_streamed(tool_server, script):
+    openai = pytest.importorskip("openai")
+    srv, app, cm = tool_server
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "What is 48213 + 9077?"}]
+    two = "I will add.\n" + call_text("add", a=48213, b=9077) + "\n" + call_text("lookup", name="Mimi", field="food")
+    script["replies"] += [call_text("add", a=48213, b=9077), two, two]
+
+    r = client.chat.completions.create(model=cm.name, messages=msgs, tools=[CALC])
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content is None
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == [("function", "add", {"a": 48213, "b": 9077})]
+    assert m.tool_calls[0].id.startswith("call_")
+    prompt = prompt_of(script, cm)
+    assert "<tools>" in prompt and json.dumps(CALC) in prompt and prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    chunks = list(client.chat.completions.create(model=cm.name, messages=msgs, tools=[CALC], stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            e = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            e["id"] += d.id or ""; e["name"] += d.function.name or ""; e["arguments"] += d.function.arguments or ""
+    assert content == "I will add." and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)] == [
+        ("add", {"a": 48213, "b": 9077}), ("lookup", {"name": "Mimi", "field": "food"})]
+    assert calls[0]["id"] != calls[1]["id"]
+    assert not any("<" in (c.choices[0].delta.content or "") for c in chunks if c.choices)  # no tag leaked, not even half of one
+
+    with client.chat.completions.stream(model=cm.name, messages=msgs, tools=[CALC]) as stream:
+        final = stream.get_final_completion()
+    fm = final.choices[0].message
+    assert final.choices[0].finish_reason == "tool_calls" and fm.content == "I will add."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in fm.tool_calls] == [
+        ("add", {"a": 48213, "b": 9077}), ("lookup", {"name": "Mimi", "field": "food"})]
+
+
+def test_a_tool_result_goes_back_into_the_prompt(tool_server, script):
+    openai = pytest.importorskip("openai")
+    srv, app, cm = tool_server
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "What is 48213 + 9077?"}]
+    script["replies"] += [call_text("add", a=48213, b=9077), "48213 + 9077 = 57290."]
+    first = client.chat.completions.create(model=cm.name, messages=msgs, tools=[CALC]).choices[0].message
+    call = first.tool_calls[0]
+    msgs += [first, {"role": "tool", "tool_call_id": call.id, "content": "57290"}]  # the client's message object, as sent back
+    r = client.chat.completions.create(model=cm.name, messages=msgs, tools=[CALC])
+    assert r.choices[0].message.content == "48213 + 9077 = 57290." and r.choices[0].finish_reason == "stop"
+    assert not r.choices[0].message.tool_calls
+    prompt = prompt_of(script, cm)
+    assert ('<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 48213, "b": 9077}}\n'
+            '</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n57290\n</tool_response><|im_end|>\n') in prompt
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_reasoning_content_is_separate_from_content(tool_server, script):
+    openai = pytest.importorskip("openai")
+    srv, app, cm = tool_server
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+    msgs, think = [{"role": "user", "content": "What is 2 + 2?"}], {"chat_template_kwargs": {"enable_thinking": True}}
+    reply = "Two and two.\n</think>\n\nThe answer is 4."
+    script["replies"] += [reply, reply]
+    m = client.chat.completions.create(model=cm.name, messages=msgs, tools=[CALC], extra_body=think).choices[0].message
+    assert m.content == "The answer is 4." and m.model_extra["reasoning_content"] == "Two and two."
+    assert prompt_of(script, cm).endswith("<|im_start|>assistant\n<think>\n")
+    chunks = list(client.chat.completions.create(model=cm.name, messages=msgs, tools=[CALC], extra_body=think, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "Two and two."
+    assert "".join(d.content or "" for d in deltas) == "The answer is 4."
+    assert not any("<" in ((d.model_extra or {}).get("reasoning_content") or "") + (d.content or "") for d in deltas)
+
+
+def test_thinking_switch_and_the_template_choice(tok):
+    "Pure validation: the switch sets the prompt's end; the template that renders tools is the tokenizer's own if it can."
+    limits = Limits(context=4096)
+    def prompt(tokenizer=tok, **kw):
+        body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **kw}
+        r = parse_chat_request(json.dumps(body).encode(), tokenizer, "m", limits)
+        return tokenizer.decode(r.prompt_ids), r
+    on, r_on = prompt(tools=[CALC], chat_template_kwargs={"enable_thinking": True})
+    off, r_off = prompt(tools=[CALC], chat_template_kwargs={"open_thinking": False})
+    assert on.endswith("assistant\n<think>\n") and r_on.think_open
+    assert off.endswith("assistant\n<think>\n\n</think>\n\n") and not r_off.think_open
+    assert on[:-len("<think>\n")] == off[:-len("<think>\n\n</think>\n\n")]  # only the end differs
+    plain, _ = prompt()
+    assert plain == tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)  # no tools: the model's template
+    none, r_none = prompt(tools=[CALC], tool_choice="none")
+    assert none == plain and r_none.tools is None  # tools not offered: not rendered, not parsed
+    native = tools_tokenizer(tinyworld_tokenizer(small=True))
+    assert prompt(native, tools=[CALC])[0] == off  # a template that renders tools is used as it is
+    forced, r = prompt(tools=[CALC], tool_choice={"type": "function", "function": {"name": "add"}})
+    assert forced.endswith('</think>\n\n<tool_call>\n{"name": "add", "arguments": ') and r.prefill.startswith("<tool_call>")
+    assert prompt(tools=[CALC], tool_choice="required")[0].endswith('</think>\n\n<tool_call>\n{"name": "')
+
+
+def test_forced_and_refused_tool_calls(tool_server, script):
+    srv, app, cm = tool_server
+    url = f"{srv.url}/v1/chat/completions"
+    script["replies"] += ['{"a": 1, "b": 2}}\n</tool_call>', 'add", "arguments": {"a": 5, "b": 6}}\n</tool_call>', call_text("add", a=1, b=2)]
+    named = httpx.post(url, json=chat(cm, "1 + 2?", tools=[CALC], tool_choice={"type": "function", "function": {"name": "add"}}), timeout=30).json()
+    call = named["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert (call["name"], json.loads(call["arguments"])) == ("add", {"a": 1, "b": 2})
+    events = _sse(url, chat(cm, "5 + 6?", tools=[CALC], tool_choice="required", stream=True))
+    assert [d["function"]["name"] for e in events for d in e["delta"].get("tool_calls", [])] == ["add"]
+    refused = httpx.post(url, json=chat(cm, "1 + 2?", tools=[CALC], tool_choice="none"), timeout=30).json()["choices"][0]
+    assert refused["message"]["content"] == call_text("add", a=1, b=2) and "tool_calls" not in refused["message"]
+    assert refused["finish_reason"] == "stop" and "<tools>" not in prompt_of(script, cm)
+
+
+def _sse(url, body):
+    "The choices of every chunk of a streamed completion."
+    with httpx.stream("POST", url, json=body, timeout=30) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("reply", [
+    '<tool_call>\n{"name": add, "arguments": {}}\n</tool_call>',      # not JSON
+    '<tool_call>\n{"arguments": {"a": 1}}\n</tool_call>',             # no name
+    'Sure: <tool_call>\n{"name": "add", "arguments": {"a": 1',        # never closed
+])
+def test_a_malformed_tool_call_comes_back_as_content(tool_server, script, reply):
+    srv, app, cm = tool_server
+    url = f"{srv.url}/v1/chat/completions"
+    script["replies"] += [reply, reply]
+    r = httpx.post(url, json=chat(cm, "1 + 2?", tools=[CALC]), timeout=30)
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == reply and "tool_calls" not in choice["message"] and choice["finish_reason"] == "stop"
+    events = _sse(url, chat(cm, "1 + 2?", tools=[CALC], stream=True))
+    assert "".join(e["delta"].get("content") or "" for e in events) == reply
+    assert not any("tool_calls" in e["delta"] for e in events) and events[-1]["finish_reason"] == "stop"
+
+
+def test_tools_endpoints_run_calls_and_never_crash(tool_server, random_server):
+    srv, app, cm = tool_server
+    listed = httpx.get(f"{srv.url}/tools").json()["data"]
+    assert [t["function"]["name"] for t in listed] == ["add", "subtract", "multiply", "lookup", "boom", "odd"]
+    def call(body):
+        r = httpx.post(f"{srv.url}/tools/call", content=body if isinstance(body, bytes) else json.dumps(body), timeout=30)
+        return r.status_code, r.json()
+    assert call({"name": "add", "arguments": {"a": 1, "b": 2}}) == (200, {"name": "add", "content": "3", "error": False})
+    assert call({"name": "multiply", "arguments": '{"a": 6, "b": 7}'})[1]["content"] == "42"  # arguments as a JSON string
+    for body, says in [({"name": "divide", "arguments": {"a": 1, "b": 2}}, "error: unknown tool 'divide'"),
+                       ({"name": "add", "arguments": {"a": "1", "b": 2}}, "error: add: argument 'a' must be an integer"),
+                       ({"name": "add", "arguments": {"a": 1}}, "error: add: missing argument 'b'"),
+                       ({"name": "add", "arguments": "{a: 1"}, "error: arguments are not valid JSON"),
+                       ({"arguments": {}}, 'error: a tool call needs a JSON object with a "name" string'),
+                       ({"name": "lookup", "arguments": {"name": "Nobody", "field": "food"}}, "error: lookup failed: ValueError"),
+                       ({"name": "boom", "arguments": {}}, "error: boom failed: ZeroDivisionError: the tool broke"),
+                       ({"name": "odd", "arguments": {}}, "error: odd failed: TypeError")]:
+        status, got = call(body)
+        assert status == 200 and got["error"] and got["content"].startswith(says), (body, got)
+    for junk, param in [(b"{oops", None), (b"[1, 2]", None), (b'{"name": "add", "args": {}}', "args")]:
+        status, got = call(junk)
+        assert status == 400 and got["error"]["param"] == param and got["error"]["message"]
+    assert httpx.get(f"{srv.url}/health").json()["status"] == "ok"
+    plain, _, _ = random_server  # a server without --tools has no tool endpoints
+    assert httpx.get(f"{plain.url}/tools").status_code == 404
+    assert build_parser().parse_args(["--model", "x", "--tools"]).tools and not build_parser().parse_args(["--model", "x"]).tools
+
+
+def test_chat_page_runs_tool_calls_in_chromium(tool_server, script):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None: pytest.skip("no chromium on PATH: the browser test of the chat page needs a headless Chromium")
+    srv, app, cm = tool_server
+    script["replies"] += [call_text("add", a=1, b=2), "1 + 2 = 3."]
+    browser = Chromium(exe)
+    try:
+        target = browser.send("Target.createTarget", url=srv.url + "/")["targetId"]
+        s = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        wait_for(lambda: "add" in (browser.js(s, "(document.getElementById('tools') || {}).textContent") or ""))
+        browser.js(s, "document.getElementById('input').value = 'What is 1 + 2?'; document.getElementById('form').requestSubmit()")
+        wait_for(lambda: browser.js(s, "document.body.dataset.state") == "busy", timeout=10)
+        wait_for(lambda: browser.js(s, "document.body.dataset.state") == "idle", timeout=60)
+        tool_lines = browser.js(s, "[...document.querySelectorAll('.assistant .tool')].map(d => d.textContent)")
+        text = browser.js(s, "[...document.querySelectorAll('.assistant .content')].map(d => d.textContent).join('|')")
+        errors = browser.js(s, "document.querySelectorAll('.error').length")
+    finally:
+        browser.close()
+    assert errors == 0 and tool_lines == ['[tool] add({"a": 1, "b": 2}) -> 3'] and text == "|1 + 2 = 3."
+    first, second = script["requests"]
+    assert [t["function"]["name"] for t in first.tools] == ["add", "subtract", "multiply", "lookup", "boom", "odd"]
+    assert [m["role"] for m in second.messages] == ["user", "assistant", "tool"] and second.messages[2]["content"] == "3"
+    assert second.messages[2]["tool_call_id"] == second.messages[1]["tool_calls"][0]["id"]
