@@ -17,7 +17,7 @@ Modules:
 - `minimind.quant`: Decoding one token streams every weight from memory once: we measure that limit, bring the engine's fp32 decode close to it, then halve the bytes twice over with int8 weights, at the same held-out perplexity.
 - `minimind.reason`: R1-style reasoning for a small model: exact think traces distilled with weighted tags, rewards a program can check, and accuracy on held-out problems.
 - `minimind.runs`: What a stage is, where it writes, how it knows that the stages it reads are done and still valid, and where this process stands among the processes `torchrun` started.
-- `minimind.serve`: `python -m minimind.serve --model RUN_OR_DIR`: `POST /v1/chat/completions` (plain and streamed), `GET /v1/models`, OpenAI-style errors, concurrent requests on one model, and a small chat page at `/`.
+- `minimind.serve`: `python -m minimind.serve --model RUN_OR_DIR`: `POST /v1/chat/completions` (plain and streamed), `GET /v1/models`, OpenAI-style errors, tool calls, concurrent requests on one model, and a small chat page at `/`.
 - `minimind.shards`: Pretraining text is validated and tokenized once, in parallel, into a flat `uint16` token file cached by content; training reads fixed-length packed rows straight from the file, so memory stays flat however big the corpus is.
 - `minimind.tools`: A model that cannot add 48213 + 9077 in its head can still write `{"name": "add", "arguments": {"a": 48213, "b": 9077}}`. This chapter builds what turns such a line into an answer: minimind-3's chat template with tools and the thinking switch, a parser for the calls a reply makes, and a registry that runs them safely."""
 
