@@ -29,7 +29,7 @@ from .model import MiniMindForCausalLM
 from .runs import Parser, number
 from .sft import chat_text
 from .tokenizer import MiniMindTokenizer
-from .tools import TOOLS_CHAT_TEMPLATE, TOOLS_SYSTEM, ToolRegistry, assistant_message, parse_tool_calls, tinyworld_tools
+from .tools import TOOLS_CHAT_TEMPLATE, TOOLS_SYSTEM, ToolRegistry, tinyworld_tools
 
 # %% ../nbs/10_chat.ipynb #12442aa6
 CHAT_LINE = ("dpo", "sft", "pretrain")  # a run folder's chat models, newest first: the default model of a run folder
@@ -225,13 +225,13 @@ def send(self:ChatSession, text:str, # the user's message
             for ch, t in splitter.flush():
                 parts[ch] += t
                 yield ch, t
-            calls = parse_tool_calls(parts["content"]) if self.tools else []
+            if not self.tools: break
+            new, calls = self.tools.step(f"<think>\n{parts['reasoning']}\n</think>\n\n{parts['content']}", self.calls)  # runs the calls
             if not calls: break
-            results = self.tools.answer(calls, self.calls)  # runs the calls (an `error:` result for a bad one)
             self.calls += len(calls)
-            for c, r in zip(calls, results):
+            for c, r in zip(calls, new[1:]):  # each result, or the `error:` a bad call got
                 yield "tool", f"{c.name or '?'}({json.dumps(c.arguments, ensure_ascii=False)}) -> {r['content']}\n"
-            msgs = msgs + [assistant_message(f"<think>\n{parts['reasoning']}\n</think>\n\n{parts['content']}"), *results]
+            msgs = msgs + new
             parts = {"reasoning": "", "content": ""}
     finally:  # a reply cut short by Ctrl-C or a closed widget still becomes part of the conversation
         self.messages = msgs + ([{"role": "assistant", "content": parts["content"]}] if parts["content"] else [])

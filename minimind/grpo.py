@@ -8,7 +8,7 @@ Docs: https://minimind-book.github.io/minimind/grpo.html.md"""
 # %% auto #0
 __all__ = ['GRPO_ROUNDS', 'GRPO_QUICK_ARGS', 'GRPO', 'group_advantages', 'clipped_objective', 'k3_kl', 'grpo_loss',
            'token_logprobs', 'pack_rollouts', 'Curriculum', 'GRPOConfig', 'completion_tokens', 'GRPOLoss', 'Rollouts',
-           'add_grpo_args', 'grpo_configs', 'run_grpo']
+           'add_rl_args', 'add_grpo_args', 'grpo_configs', 'run_grpo']
 
 # %% ../nbs/09b_grpo.ipynb #3d2f3c3b
 import argparse
@@ -297,12 +297,13 @@ def load_state_dict(self:Rollouts, state:dict):
 # %% ../nbs/09b_grpo.ipynb #0c7675d4
 GRPO_ROUNDS = 10  # default budget of `grpo` without --steps
 
-def add_grpo_args(p:argparse.ArgumentParser):
-    "The `grpo` stage's flags."
-    d = GRPOConfig()
-    p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/reason/model)")
-    add_data_flags(p, "JSONL problems: conversations ending with the assistant placeholder, and the ground truth in 'answer', "
-                      "optionally 'difficulty'", "rl.jsonl", "rl_val.jsonl")
+def add_rl_args(p:argparse.ArgumentParser, # a stage's parser
+                config:GRPOConfig=GRPOConfig(), # the defaults
+                unsolved:bool=False, # the band may start below 0, to keep levels no completion has solved yet
+                answers:bool=True, # the reward of chapter 09's <answer> layout (--format-weight, --partial-weight)
+               ):
+    "GRPO's flags (rounds, groups, the loss, the reward, the curriculum, grading, the engine) for a stage that trains with it."
+    d = config
     p.add_argument("--steps", type=number(int, low=1), default=GRPO_ROUNDS, help="rollout rounds")
     p.add_argument("--prompts", type=number(int, low=1), default=d.prompts, help="problems per round over all processes (a multiple of the processes)")
     p.add_argument("--group-size", type=number(int, low=2), default=d.group_size, help="completions sampled per problem (G)")
@@ -310,32 +311,41 @@ def add_grpo_args(p:argparse.ArgumentParser):
     p.add_argument("--clip-eps", type=number(float, above=0), default=d.clip_eps, help="the ratio pi/pi_old is clipped to [1 - eps, 1 + eps]")
     p.add_argument("--beta", type=number(float, low=0), default=d.beta, help="weight of the k3 KL penalty to the frozen reference")
     p.add_argument("--temperature", type=number(float, above=0), default=d.temperature, help="sampling temperature of the rollouts")
-    p.add_argument("--format-weight", type=number(float, low=0, high=1), default=d.format_weight, help="share of the reward for the think/answer layout")
-    p.add_argument("--partial-weight", type=number(float, low=0, high=1), default=d.partial_weight,
-                   help="a wrong answer earns this times its partial credit (digits / list items right); 0: exact answers only")
-    p.add_argument("--band", type=number(float, low=0, high=1), nargs=2, default=list(d.band), metavar=("LOW", "HIGH"),
-                   help="curriculum: draw levels whose recent solve rate is strictly between LOW and HIGH")
+    if answers:
+        p.add_argument("--format-weight", type=number(float, low=0, high=1), default=d.format_weight, help="share of the reward for the think/answer layout")
+        p.add_argument("--partial-weight", type=number(float, low=0, high=1), default=d.partial_weight,
+                       help="a wrong answer earns this times its partial credit (digits / list items right); 0: exact answers only")
+    p.add_argument("--band", type=number(float, low=-1 if unsolved else 0, high=1), nargs=2, default=list(d.band), metavar=("LOW", "HIGH"),
+                   help="curriculum: draw levels whose recent solve rate is strictly between LOW and HIGH" + (" (LOW < 0 keeps unsolved levels)" if unsolved else ""))
     p.add_argument("--window", type=number(int, low=1), default=d.window, help="curriculum: completions remembered per difficulty level")
     p.add_argument("--explore", type=number(float, low=0, high=1), default=d.explore, help="curriculum: share of problems drawn from any level")
     add_grading_args(p, 100)
     g = p.add_argument_group("training engine (chapters 04b, 04c)")
     add_optimizer_args(g, micro_batch=16, lr=3e-5, warmup=0, weight_decay=0.0, unit="completions")
     add_checkpoint_args(g, save_every=0, keep=1, log_every=1, per="round")
+
+def add_grpo_args(p:argparse.ArgumentParser):
+    "The `grpo` stage's flags."
+    p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/reason/model)")
+    add_data_flags(p, "JSONL problems: conversations ending with the assistant placeholder, and the ground truth in 'answer', "
+                      "optionally 'difficulty'", "rl.jsonl", "rl_val.jsonl")
+    add_rl_args(p)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/grpo)")
 
 GRPO_QUICK_ARGS = ("--steps", "2", "--prompts", "2", "--group-size", "4", "--max-new-tokens", "24", "--micro-batch", "8",
                    "--eval-samples", "8")
 
 # %% ../nbs/09b_grpo.ipynb #a396628d
-def grpo_configs(args:argparse.Namespace, # the `grpo` stage's flags
+def grpo_configs(args:argparse.Namespace, # the flags of `add_rl_args`, inputs resolved
+                 stage:Stage|None=None, # the stage whose folder the run writes (default: `grpo`)
                 )->tuple[GRPOConfig, TrainConfig]: # GRPO's settings, the engine's
     "The settings the flags describe; rounds (`--steps`, `--save-every`, `--stop-at`, `--log-every`) become optimizer steps."
     k = args.ppo_steps
+    answers = {k: getattr(args, k) for k in ("format_weight", "partial_weight") if hasattr(args, k)}  # the <answer> reward's flags, where the stage has them
     grpo = GRPOConfig(prompts=args.prompts, group_size=args.group_size, ppo_steps=k, clip_eps=args.clip_eps, beta=args.beta,
-                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, format_weight=args.format_weight,
-                      partial_weight=args.partial_weight, window=args.window, band=tuple(args.band), explore=args.explore,
-                      gen_batch=args.eval_batch, seed=args.seed)
-    engine = TrainConfig(out_dir=stage_folder(GRPO, args), steps=args.steps * k, micro_batch=args.micro_batch,
+                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, window=args.window, band=tuple(args.band),
+                      explore=args.explore, gen_batch=args.eval_batch, seed=args.seed, **answers)
+    engine = TrainConfig(out_dir=stage_folder(stage or GRPO, args), steps=args.steps * k, micro_batch=args.micro_batch,
                          lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
                          betas=(0.9, 0.99), grad_clip=args.grad_clip, dtype=args.dtype, save_every=args.save_every * k,
                          keep=args.keep, log_every=args.log_every * k, seed=args.seed, resume=args.resume,

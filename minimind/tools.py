@@ -8,20 +8,36 @@ Docs: https://minimind-book.github.io/minimind/tools.html.md"""
 
 # %% auto #0
 __all__ = ['TOOLS_PREAMBLE', 'TOOLS_POSTAMBLE', 'TOOLS_CHAT_TEMPLATE', 'TOOL_CALL_RE', 'JSON_TYPES', 'LOOKUP_FIELDS',
-           'TOOL_TASKS', 'TOOLS_SYSTEM', 'TOOL_MIX', 'ToolCall', 'parse_tool_call', 'parse_tool_calls',
-           'argument_problem', 'Tool', 'ToolRegistry', 'lookup', 'tinyworld_tools', 'assistant_message',
-           'offered_tools', 'tool_task', 'tool_conversations', 'tools_tokenizer', 'reply_has', 'question_part',
-           'solve_with_tools', 'tool_accuracy']
+           'TOOL_TASKS', 'TOOLS_SYSTEM', 'TOOL_MIX', 'TOOLS_STEPS', 'TOOLS_QUICK_ARGS', 'TOOLS', 'AGENT_CONFIG',
+           'AGENT_QUICK_ARGS', 'AGENT', 'ToolCall', 'parse_tool_call', 'parse_tool_calls', 'argument_problem', 'Tool',
+           'ToolRegistry', 'lookup', 'tinyworld_tools', 'assistant_message', 'offered_tools', 'tool_task',
+           'tool_conversations', 'tools_tokenizer', 'reply_has', 'question_part', 'continuation_ids', 'tool_episodes',
+           'tool_accuracy', 'accuracy_by_task', 'pack_episodes', 'needed_calls', 'episode_reward', 'ToolRollouts',
+           'add_tools_args', 'tool_model', 'read_tool_problems', 'grade_tools', 'tool_numbers', 'calculations',
+           'fresh_problems', 'held_out_problems', 'run_tools', 'add_agent_args', 'run_agent']
 
 # %% ../nbs/13_tools.ipynb #6b7475c3
+import argparse
 import json
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
-from .generate import generate_text
-from .sft import chat_text
+import torch
+
+from .data import jsonl_problem, read_jsonl, short_path, sniff_kind, write_jsonl
+from .engine import Trainer, causal_lm_loss
+from .grpo import GRPOConfig, GRPOLoss, Rollouts, add_rl_args, completion_tokens, group_advantages, grpo_configs
+from .hub import load_model, model_problem
+from .pretrain import add_engine_args, engine_config
+from .reason import REASON, completion_text, problems_problem, read_problems, sample_completions
+from .runs import Input, Stage, dist_context, number, register, say, stage_folder
+from .sft import TOO_LONG, SFTDataset, chat_text, sft_collate
+from .tinyworld import DATA
 from .tokenizer import MiniMindTokenizer
 from .world import ANIMALS, COLOURS, CREATURES, FOODS, TOWNS
 
@@ -154,9 +170,10 @@ class ToolRegistry:
         tool = self.tools.get(call.name)
         if tool is None: return f"error: unknown tool {call.name!r} (tools: {', '.join(self.tools)})"
         if (problem := argument_problem(tool.parameters, call.arguments)): return f"error: {tool.name}: {problem}"
-        try: result = tool.fn(**call.arguments)
+        try:
+            result = tool.fn(**call.arguments)
+            return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)  # (a result JSON cannot write raises too)
         except Exception as e: return f"error: {tool.name} failed: {type(e).__name__}: {e}"
-        return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
 
     def answer(self, calls:list[ToolCall], # the calls of one reply
                made:int=0, # calls the conversation made before this reply
@@ -164,6 +181,13 @@ class ToolRegistry:
         "The `tool` messages that answer a reply's calls; calls past `max_calls` get an error instead of running."
         return [{"role": "tool", "content": self.call(c) if made + i < self.max_calls else
                  f"error: too many tool calls (at most {self.max_calls} in one conversation)"} for i, c in enumerate(calls)]
+
+    def step(self, reply:str, # a reply of the model
+             made:int=0, # calls the conversation made before this reply
+            )->tuple[list[dict], list[ToolCall]]: # the reply's messages for the history (its assistant message, then a `tool` message per call), and its calls
+        "One turn of a tool-using conversation: read the reply's calls, run them, and return what the history gains."
+        calls = parse_tool_calls(reply)
+        return [assistant_message(reply), *self.answer(calls, made)], calls
 
 # %% ../nbs/13_tools.ipynb #bc8a52bd
 def _integers(*names): return {"type": "object", "properties": {n: {"type": "integer"} for n in names}, "required": list(names)}
@@ -209,7 +233,7 @@ def assistant_message(reply:str, # the model's reply text
     return msg
 
 # %% ../nbs/13_tools.ipynb #b4c77a2f
-TOOL_TASKS = ("add", "subtract", "multiply", "lookup", "two-step")
+TOOL_TASKS = ("add", "subtract", "multiply", "lookup", "two-step", "direct")
 _OPS = {"add": ("+", "加"), "subtract": ("-", "减"), "multiply": ("×", "乘")}
 _LOOKUP_Q = {"animal": ("What animal is {n}?", "{n}是什么动物？", "{n} is a {v}.", "{n}是{v}。"),
              "colour": ("What colour is {n}?", "{n}是什么颜色的？", "{n} is {v}.", "{n}是{v}的。"),
@@ -218,12 +242,13 @@ _LOOKUP_Q = {"animal": ("What animal is {n}?", "{n}是什么动物？", "{n} is 
 _REASONS = {"calc": ("These numbers are too big to add in my head: use the {t} tool.", "数字太大了，用{t}工具来算。"),
             "lookup": ("I should look up this fact.", "这个事实要查一下。"),
             "two-step": ("First add, then multiply the sum.", "先算加法，再把和相乘。"),
-            "got": ("The tool says {x}.", "工具说是{x}。"), "then": ("The sum is {x}; now multiply it by {m}.", "和是{x}，再乘{m}。")}
+            "got": ("The tool says {x}.", "工具说是{x}。"), "then": ("The sum is {x}; now multiply it by {m}.", "和是{x}，再乘{m}。"),
+            "direct": ("No tools here, and small numbers I can add myself.", "这里没有工具，小数字我自己会加。")}
 
 def _call(tool, **args): return {"type": "function", "function": {"name": tool, "arguments": args}}
 
 TOOLS_SYSTEM = {"en": "You are MiniMind. Call a tool when it helps.", "zh": "你是MiniMind。需要时就调用工具。"}
-_NEEDS = {"add": ["add"], "subtract": ["subtract"], "multiply": ["multiply"], "lookup": ["lookup"], "two-step": ["add", "multiply"]}
+_NEEDS = {"add": ["add"], "subtract": ["subtract"], "multiply": ["multiply"], "lookup": ["lookup"], "two-step": ["add", "multiply"], "direct": []}
 
 def offered_tools(rng, # a random.Random
                   kind:str, # one of TOOL_TASKS
@@ -269,9 +294,15 @@ def tool_task(rng, # a random.Random
         msgs = [turn(_REASONS["two-step"][zh], [_call("add", a=a, b=b)]), {"role": "tool", "content": str(s)},
                 turn(_REASONS["then"][zh].format(x=s, m=m), [_call("multiply", a=s, b=m)]), {"role": "tool", "content": c},
                 turn(_REASONS["got"][zh].format(x=c), content=f"结果是{c}。" if zh else f"({a} + {b}) × {m} = {c}.")]
+    elif kind == "direct":  # no tools listed: answer without calling
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        q, c = f"{a}加{b}等于多少？" if zh else f"What is {a} + {b}?", str(a + b)
+        msgs = [turn(_REASONS["direct"][zh], content=f"{a}加{b}等于{c}。" if zh else f"{a} + {b} = {c}.")]
     else: raise ValueError(f"unknown tool task {kind!r} (expected one of {', '.join(TOOL_TASKS)})")
-    system = {"role": "system", "content": TOOLS_SYSTEM[lang], "tools": offered_tools(rng, kind)}
-    return {"conversations": [system, {"role": "user", "content": q}, *msgs], "answer": c, "task": kind}
+    tools = offered_tools(rng, kind)
+    system = [{"role": "system", "content": TOOLS_SYSTEM[lang]} | ({"tools": tools} if tools else {})] if tools or rng.random() < 0.5 else []
+    return {"conversations": [*system, {"role": "user", "content": q}, *msgs], "answer": c, "task": kind,
+            "difficulty": TOOL_TASKS.index(kind)}  # the task is the level GRPO's curriculum tracks
 
 TOOL_MIX = (*TOOL_TASKS, "lookup", "two-step")  # training: the answers that copy a word or take two calls, twice as often
 
@@ -302,41 +333,273 @@ def reply_has(reply:str, # a final reply
 def question_part(conversation:list)->list: # the messages through the first user turn (the tools' system message included)
     return conversation[:next(i for i, m in enumerate(conversation) if m["role"] == "user") + 1]
 
-def solve_with_tools(model, # a chat model (eval mode)
-                     tok, # its tokenizer, with a template that renders tools
-                     conversations:list, # message lists ending with a user turn; tools on the system message
-                     registry:ToolRegistry, # the tools that run
-                     open_thinking:bool=False, # let the model think before each reply
-                     max_rounds:int=4, # replies per conversation (each may call tools)
-                     max_new_tokens:int=96, # most tokens per reply
-                     batch_size:int=64, # conversations per batched generation
-                    )->list[dict]: # per conversation: "messages" (the whole exchange), "final" (the last reply, None if unfinished), "calls"
-    "Greedy tool use: every unfinished conversation gets a reply; its calls run and their results follow it; a reply without calls is final."
-    states = [{"messages": list(c), "final": None, "calls": 0} for c in conversations]
-    for _ in range(max_rounds):
-        live = [s for s in states if s["final"] is None]
-        for i in range(0, len(live), batch_size):
-            batch = live[i:i + batch_size]
-            prompts = [chat_text(tok, s["messages"], add_generation_prompt=True, open_thinking=open_thinking) for s in batch]
-            replies = generate_text(model, tok, prompts, max_new_tokens, stop_ids=[tok.eos_id, tok.pad_id])
-            for s, reply in zip(batch, replies):
-                calls = parse_tool_calls(reply)
-                if not calls: s["final"] = reply
-                s["messages"] += [assistant_message(reply), *registry.answer(calls, s["calls"])]
-                s["calls"] += len(calls)
-    return states
+def continuation_ids(tok, # the tokenizer, with a template that renders tools
+                     history:list, # the conversation through the assistant message of the reply just generated
+                     new:list, # the messages that follow it (its tool results)
+                     open_thinking:bool=False, # open the next reply's think block
+                    )->list[int]: # what the template writes after the reply's end-of-turn token, through the next reply's header
+    "The tokens between a generated reply and the next one: the template's own text, so an episode reads as the chat would render it."
+    before = chat_text(tok, history)
+    after = chat_text(tok, history + new, add_generation_prompt=True, open_thinking=open_thinking)
+    if not after.startswith(before): raise ValueError("the chat template renders a conversation's start differently once messages follow")
+    return tok.encode(after[before.rindex(tok.eos_token) + len(tok.eos_token):])
+
+def tool_episodes(model, # a chat model
+                  tok, # its tokenizer, with a template that renders tools
+                  conversations:list, # message lists ending with a user turn; tools on the system message
+                  registry:ToolRegistry, # the tools that run
+                  temperature:float=0.0, # 0: greedy
+                  seed:int|None=None, # sampling seed
+                  open_thinking:bool=False, # let the model think before each reply
+                  max_rounds:int=4, # replies per episode (each may call tools)
+                  max_new_tokens:int=96, # most tokens per reply
+                  batch_size:int=64, # rows per batched generation
+                 )->list[dict]: # per conversation: "messages", "final" (last reply, None if unfinished), "calls", "errors", "ids", "trained"
+    "Tool use to the end: each unfinished episode gets a reply; its calls run and their results follow it; a reply without calls is final."
+    eps = []
+    for c in conversations:
+        ids = tok.encode(chat_text(tok, c, add_generation_prompt=True, open_thinking=open_thinking))
+        eps.append({"messages": list(c), "final": None, "calls": 0, "errors": 0, "ids": ids, "trained": [False] * len(ids), "done": False})
+    for r in range(max_rounds):
+        live = [e for e in eps if not e["done"]]
+        if not live: break
+        replies = sample_completions(model, tok, [e["ids"] for e in live], max_new_tokens, temperature,
+                                     None if seed is None else seed + 7919 * r, batch_size)
+        for e, reply_ids in zip(live, replies):
+            e["ids"], e["trained"] = e["ids"] + reply_ids, e["trained"] + [True] * len(reply_ids)  # the model's tokens: trained
+            new, calls = registry.step(completion_text(tok, reply_ids), e["calls"])
+            e["messages"] += new
+            e["calls"] += len(calls)
+            e["errors"] += sum(m["content"].startswith("error:") for m in new[1:])
+            e["done"] = not calls or tok.eos_id not in reply_ids or r == max_rounds - 1  # answered, cut off, or out of rounds
+            if not calls and tok.eos_id in reply_ids: e["final"] = new[0]["content"]
+            if not e["done"]:
+                more = continuation_ids(tok, e["messages"][:-len(new) + 1], new[1:], open_thinking)  # results, next header: read, not trained
+                e["ids"], e["trained"] = e["ids"] + more, e["trained"] + [False] * len(more)
+    return eps
 
 def tool_accuracy(model, tok, # the model and its tools tokenizer
                   records:list[dict], # `tool_task` records
                   registry:ToolRegistry|None=None, # default `tinyworld_tools()`
-                  **kwargs, # options of `solve_with_tools`
-                 )->dict: # accuracy overall and per task, calls per problem, share finished, and the solved states
+                  **kwargs, # options of `tool_episodes` (greedy unless a temperature is given)
+                 )->dict: # accuracy overall and per task, calls per problem, share finished, and the episodes
     "Held-out tool tasks solved with the tools: the final reply must state the answer."
     registry = registry or tinyworld_tools()
-    states = solve_with_tools(model, tok, [question_part(r["conversations"]) for r in records], registry, **kwargs)
+    states = tool_episodes(model, tok, [question_part(r["conversations"]) for r in records], registry, **kwargs)
     right = [s["final"] is not None and reply_has(s["final"], r["answer"]) for s, r in zip(states, records)]
-    tasks = sorted({r["task"] for r in records}, key=TOOL_TASKS.index)
-    return {"accuracy": sum(right) / len(right),
-            "by_task": {t: sum(x for x, r in zip(right, records) if r["task"] == t) / sum(r["task"] == t for r in records) for t in tasks},
+    return {"accuracy": sum(right) / len(right), "by_task": accuracy_by_task(right, records),
             "calls": sum(s["calls"] for s in states) / len(states), "finished": sum(s["final"] is not None for s in states) / len(states),
             "right": right, "states": states}
+
+def accuracy_by_task(right:list[bool], # one per record
+                     records:list[dict], # with a "task"
+                    )->dict: # task -> share right, in TOOL_TASKS order
+    tasks = sorted({r["task"] for r in records}, key=TOOL_TASKS.index)
+    return {t: sum(x for x, r in zip(right, records) if r["task"] == t) / sum(r["task"] == t for r in records) for t in tasks}
+
+# %% ../nbs/13_tools.ipynb #61bdc872
+def pack_episodes(episodes:list[dict], # each with "ids" and "trained" (one bool per id)
+                  pad_id:int=0, # written after a row ends
+                 )->dict: # input_ids, targets, mask: (N, T) each
+    "Right-padded rows of whole episodes, with pre-shifted targets and a mask on the tokens the model wrote."
+    T = max(len(e["ids"]) for e in episodes) - 1
+    ids = torch.full((len(episodes), T + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(episodes), T, dtype=torch.bool)
+    for i, e in enumerate(episodes):
+        ids[i, :len(e["ids"])] = torch.tensor(e["ids"])
+        mask[i, :len(e["ids"]) - 1] = torch.tensor(e["trained"][1:])  # target j+1 is trained where the model wrote token j+1
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "mask": mask}
+
+# %% ../nbs/13_tools.ipynb #80b6c75f
+def needed_calls(record:dict)->int: # the tool calls of the record's reference conversation
+    return sum(len(m.get("tool_calls") or []) for m in record["conversations"])
+
+def episode_reward(episode:dict, # from `tool_episodes`
+                   answer:str, # the ground truth
+                   needed:int, # calls the task takes
+                   call_weight:float=0.2, # for an episode whose calls all ran
+                   waste_weight:float=0.1, # for each call past `needed`
+                  )->float:
+    "1 for a right final answer, + `call_weight` if it called and every call ran, - `waste_weight` per wasted call."
+    right = episode["final"] is not None and reply_has(episode["final"], answer)
+    clean = episode["calls"] > 0 and episode["errors"] == 0
+    return float(right) + call_weight * clean - waste_weight * max(0, episode["calls"] - needed)
+
+# %% ../nbs/13_tools.ipynb #e6d3c985
+class ToolRollouts(Rollouts):
+    "GRPO's batch source over tool-using episodes: each completion runs its calls through the registry before it is scored."
+    def __init__(self, tok, # the tokenizer, with a template that renders tools
+                 records:list[dict], # problems: "conversations" (tools on the system message), "answer", "difficulty"
+                 config:GRPOConfig, # the run's GRPO settings (`max_new_tokens` is per reply)
+                 registry:ToolRegistry|None=None, # default `tinyworld_tools()`
+                 max_rounds:int=4, # replies per episode
+                 call_weight:float=0.2, waste_weight:float=0.1, # `episode_reward`'s weights
+                ):
+        super().__init__(tok, records, config)
+        self.registry, self.max_rounds, self.weights = registry or tinyworld_tools(), max_rounds, (call_weight, waste_weight)
+
+    def rollout(self, records:list[dict])->dict: # `pack_episodes` tensors, advantages, and the round's scores
+        "G episodes per problem from the current policy, scored by `episode_reward`."
+        cfg, G, t = self.cfg, self.cfg.group_size, self.trainer
+        convs = [question_part(r["conversations"]) for r in records for _ in range(G)]
+        eps = tool_episodes(t.model, self.tok, convs, self.registry, cfg.temperature, cfg.seed * 1_000_003 + self.round * t.world + t.rank,
+                            max_rounds=self.max_rounds, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch)
+        rows = [r for r in records for _ in range(G)]
+        rewards = torch.tensor([episode_reward(e, r["answer"], needed_calls(r), *self.weights) for e, r in zip(eps, rows)])
+        batch = pack_episodes(eps, self.tok.pad_id)
+        batch["advantages"] = group_advantages(rewards.view(-1, G)).flatten()
+        batch.update(rewards=rewards, levels=[r.get("difficulty", 0) for r in rows],
+                     solved=torch.tensor([e["final"] is not None and reply_has(e["final"], r["answer"]) for e, r in zip(eps, rows)], dtype=torch.float),
+                     lengths=torch.tensor([sum(e["trained"]) for e in eps], dtype=torch.float))
+        return batch
+
+# %% ../nbs/13_tools.ipynb #3227bfb7
+TOOLS_STEPS = 400  # default budget of `tools` without --steps or --epochs
+
+def add_tools_args(p:argparse.ArgumentParser):
+    "The `tools` stage's flags."
+    p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/reason/model)")
+    p.add_argument("--data", type=Path, nargs="+", default=None, help="JSONL tool conversations: tools on the system message, "
+                   "assistant tool_calls, tool results (default: --tool-samples TinyWorld ones, written to OUT/tools.jsonl)")
+    p.add_argument("--val-data", type=Path, default=None, help="held-out problems: tool conversations with an 'answer' (default: "
+                   "--val-samples TinyWorld ones whose calculations are not trained, written to OUT/tools_val.jsonl)")
+    p.add_argument("--tool-samples", type=number(int, low=1), default=2000, help="TinyWorld tool conversations generated without --data")
+    p.add_argument("--val-samples", type=number(int, low=0), default=100, help="held-out problems generated without --val-data (0: none)")
+    p.add_argument("--replay", type=Path, nargs="*", default=None, help="JSONL conversations mixed in, so the model keeps its "
+                   "chat and its traces (default: RUN_DIR/data/sft.jsonl and reason.jsonl; none: --replay with no files)")
+    p.add_argument("--replay-samples", type=number(int, low=0), default=1000, help="conversations taken from the start of each --replay file")
+    p.add_argument("--seq-len", type=number(int, low=2), default=1024, help="inputs per packed training row (the tool list alone is ~500 tokens)")
+    p.add_argument("--too-long", choices=TOO_LONG, default="raise",
+                   help="a conversation longer than a row: stop with file:line, or skip / truncate it (counted and reported)")
+    add_engine_args(p, TOOLS_STEPS, micro_batch=4, lr=1e-3, warmup=10, eval_every=0)
+    p.add_argument("--max-rounds", type=number(int, low=1), default=4, help="replies per graded episode (each may call tools)")
+    p.add_argument("--max-new-tokens", type=number(int, low=1), default=96, help="most tokens per reply when grading")
+    p.add_argument("--eval-batch", type=number(int, low=1), default=64, help="episodes per batched generation when grading")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/tools)")
+
+
+TOOLS_QUICK_ARGS = ("--steps", "4", "--tool-samples", "24", "--val-samples", "8", "--replay-samples", "8", "--micro-batch", "2",
+                    "--max-new-tokens", "24", "--max-rounds", "2", "--log-every", "1")
+
+# %% ../nbs/13_tools.ipynb #8ca1175c
+def tool_model(path:Path, # a model folder
+               positions:int, # positions an episode may need
+              ):
+    "The model, with RoPE extended when it was built for fewer positions (the quick test model: 512)."
+    model = load_model(path)
+    return model if model.config.max_position_embeddings >= positions else load_model(path, max_position_embeddings=positions)
+
+def read_tool_problems(path:Path)->list[dict]: # tool conversations with an "answer", and a "task" (default "tool")
+    return [r | {"task": r.get("task", "tool")} for r in read_problems(path, "sft")]
+
+def grade_tools(model, tok, # the model and its tools tokenizer
+                problems:list[dict], # tool conversations with an "answer"
+                args:argparse.Namespace, # with --max-rounds, --max-new-tokens, --eval-batch
+               )->dict: # `tool_accuracy`'s numbers (rank 0 grades; others get {})
+    "Greedy episodes on the held-out problems."
+    if not problems or not dist_context().is_main: return {}
+    return tool_accuracy(model.eval(), tok, problems, max_rounds=args.max_rounds, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.eval_batch)
+
+def tool_numbers(before:dict, after:dict)->dict: # the results table's entries
+    if not after: return {}
+    return {"accuracy": f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}",
+            "by task": " ".join(f"{t} {v:.2f}" for t, v in after["by_task"].items()), "calls": round(after["calls"], 2)}
+
+def calculations(record:dict)->set: # the arithmetic calls of a record's conversation, as text
+    return {json.dumps(c["function"]["arguments"]) for m in record["conversations"] for c in m.get("tool_calls") or [] if "a" in c["function"]["arguments"]}
+
+def fresh_problems(n:int, # how many
+                   seed:int, # `tool_conversations`' seed
+                   avoid:list[dict]=(), # records whose calculations the new ones must not share
+                  )->list[dict]:
+    "TinyWorld tool problems none of whose calculations appears in `avoid`: held out from training, or trained without touching a held-out set."
+    seen = set().union(*map(calculations, avoid)) if avoid else set()
+    return [r for r in tool_conversations(4 * n, seed=seed) if not calculations(r) & seen][:n]
+
+def held_out_problems(args:argparse.Namespace, # --val-data or --val-samples, --seed
+                      trained:list[dict], # the stage's training records
+                      folder:Path, # where the set is written
+                     )->list[dict]:
+    "The stage's held-out problems, written to folder/tools_val.jsonl: --val-data, or fresh TinyWorld ones."
+    val = read_tool_problems(args.val_data) if args.val_data else fresh_problems(args.val_samples, args.seed + 1, trained)
+    if dist_context().is_main: write_jsonl(folder/"tools_val.jsonl", val)  # what the `agent` stage grades too
+    return val
+
+# %% ../nbs/13_tools.ipynb #f45c13ed
+def run_tools(args:argparse.Namespace, # the `tools` stage's flags, inputs resolved
+             )->dict: # held-out accuracy before -> after, per task, and the run's size
+    "SFT on tool conversations with replayed chat and traces; exports OUT/model with minimind-3's template."
+    folder = stage_folder(TOOLS, args)
+    tok = tools_tokenizer(args.init)
+    model = tool_model(args.init, 2 * args.seq_len)
+    tools = [r for f in args.data for r in read_jsonl(f, "sft")] if args.data else tool_conversations(args.tool_samples, args.seed, kinds=TOOL_MIX)
+    if not args.data and dist_context().is_main: write_jsonl(folder/"tools.jsonl", tools)
+    replay = [r for f in args.replay or [] for _, r in zip(range(args.replay_samples), read_jsonl(f, sniff_kind(f)))]
+    records = tools + replay
+    random.Random(args.seed).shuffle(records)
+    train = SFTDataset(records, tok, args.seq_len, too_long=args.too_long)
+    problems = held_out_problems(args, tools, folder)
+    before = grade_tools(model, tok, problems, args)
+    say(f"tools: from {short_path(args.init)}; {len(tools):,} tool conversations + {len(replay):,} replayed; train {train}; "
+        f"held-out {len(problems)} problems")
+    trainer = Trainer(model.train(), train, causal_lm_loss, engine_config(args, folder), collate_fn=sft_collate)
+    result = trainer.fit()
+    after = grade_tools(model, tok, problems, args)
+    trainer.finish(tok)
+    last = next((r for r in reversed(trainer.history) if r["split"] == "train"), {})
+    return {"steps": result["step"], "train loss": round(last["loss"], 3) if "loss" in last else None, **tool_numbers(before, after)}
+
+TOOLS = register(Stage("tools", "SFT on tool calls: TinyWorld's calculator and lookup, with chat and traces replayed", add_tools_args,
+                       run_tools, reads=(Input("init", REASON, "model", check=model_problem),
+                                         Input("replay", DATA, ("sft.jsonl", "reason.jsonl"), many=True, check=jsonl_problem)),
+                       writes=("model", "tools_val.jsonl"), distributed=True, quick=TOOLS_QUICK_ARGS))
+
+# %% ../nbs/13_tools.ipynb #d6301003
+AGENT_CONFIG = GRPOConfig(prompts=8, group_size=8, ppo_steps=1, max_new_tokens=96, band=(-1.0, 1.0))
+
+def add_agent_args(p:argparse.ArgumentParser):
+    "The `agent` stage's flags."
+    p.add_argument("--init", type=Path, default=None, help="model folder to start from (default: RUN_DIR/tools/model)")
+    p.add_argument("--data", type=Path, nargs="+", default=None, help="JSONL problems: tool conversations (the reference "
+                   "solution, whose calls count as needed) with an 'answer' (default: --problems TinyWorld ones)")
+    p.add_argument("--val-data", type=Path, default=None, help="held-out problems (default: the tools stage's OUT/tools_val.jsonl)")
+    p.add_argument("--problems", type=number(int, low=1), default=2000, help="TinyWorld problems generated without --data")
+    p.add_argument("--call-weight", type=number(float, low=0), default=0.2, help="reward for an episode whose calls all ran")
+    p.add_argument("--waste-weight", type=number(float, low=0), default=0.1, help="cost of each call past the ones the problem needs")
+    p.add_argument("--max-rounds", type=number(int, low=1), default=4, help="replies per episode (each may call tools)")
+    add_rl_args(p, AGENT_CONFIG, unsolved=True, answers=False)
+    p.set_defaults(lr=1e-4, micro_batch=8, max_new_tokens=96)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/agent)")
+
+AGENT_QUICK_ARGS = ("--steps", "2", "--prompts", "2", "--group-size", "2", "--problems", "16", "--max-new-tokens", "24",
+                    "--max-rounds", "2", "--micro-batch", "4", "--eval-samples", "8")
+
+# %% ../nbs/13_tools.ipynb #f7d497c0
+def run_agent(args:argparse.Namespace, # the `agent` stage's flags, inputs resolved
+             )->dict: # held-out accuracy before -> after, per task, and the run's size
+    "Agentic RL: GRPO over tool-using episodes with verifiable rewards; exports OUT/model."
+    tok = tools_tokenizer(args.init)
+    model = tool_model(args.init, 2048)
+    problems = read_tool_problems(args.val_data) if args.val_data else []
+    problems = problems[:args.eval_samples or None]
+    records = [r for f in args.data for r in read_tool_problems(f)] if args.data else fresh_problems(args.problems, args.seed + 2, problems)
+    before = grade_tools(model, tok, problems, args)
+    grpo, cfg = grpo_configs(args, AGENT)
+    source = ToolRollouts(tok, records, grpo, max_rounds=args.max_rounds, call_weight=args.call_weight, waste_weight=args.waste_weight)
+    trainer = Trainer(model.train(), source, GRPOLoss(grpo.clip_eps, grpo.beta, grpo.temperature), cfg, count=completion_tokens)
+    say(f"agent: from {short_path(args.init)}; {len(records):,} problems in levels {source.levels}; {args.steps} rounds of "
+        f"{grpo.prompts} problems x {grpo.group_size} episodes; lr {cfg.lr}, beta {grpo.beta}; held-out {len(problems)} problems")
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    say(f"agent: {result['step'] // grpo.ppo_steps} rounds in {time.perf_counter() - t0:.1f} s")
+    after = grade_tools(model, tok, problems, args)
+    trainer.finish(tok)
+    last = next((r for r in reversed(trainer.history) if r["split"] == "train"), {})
+    return {"rounds": result["step"] // grpo.ppo_steps, "train reward": round(last["reward"], 3) if "reward" in last else None,
+            **tool_numbers(before, after)}
+
+AGENT = register(Stage("agent", "agentic RL: GRPO over episodes that run their tool calls", add_agent_args, run_agent,
+                       reads=(Input("init", TOOLS, "model", check=model_problem),
+                              Input("val_data", TOOLS, "tools_val.jsonl", check=partial(problems_problem, kind="sft"))),
+                       writes=("model",), distributed=True, quick=AGENT_QUICK_ARGS))

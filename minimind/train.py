@@ -30,9 +30,10 @@ from .runs import RUN_DIR, Interrupted, Parser, RunError, dist_context, numbers_
 from .sft import SFT, graded_turns, story_requests
 from .tinyworld import DATA
 from .tokenizer import TOKENIZER
+from .tools import AGENT, TOOLS
 
 # %% ../nbs/90_cli.ipynb #894c61c9
-PIPELINE = (DATA, TOKENIZER, PRETRAIN, SFT, LORA, DPO, DISTILL, REASON, GRPO)  # what `python -m minimind.train` runs, in order
+PIPELINE = (DATA, TOKENIZER, PRETRAIN, SFT, LORA, DPO, DISTILL, REASON, GRPO, TOOLS, AGENT)  # what `python -m minimind.train` runs, in order
 
 def build_parser()->argparse.ArgumentParser:
     "The `python -m minimind.train` parser: the pipeline's flags, and a sub-command per stage."

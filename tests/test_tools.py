@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from minimind.tokenizer import render_chat_template, tinyworld_tokenizer
 from minimind.tools import (TOOLS_CHAT_TEMPLATE, Tool, ToolCall, ToolRegistry, assistant_message, lookup, parse_tool_calls,
                             tinyworld_tools)
@@ -150,12 +151,16 @@ def test_tool_tasks_validate_and_their_answers_come_from_the_tools():
     for r in recs:
         validate_record(r, "sft")
         msgs, tools = chat_parts(r["conversations"])
-        names = {t["function"]["name"] for t in tools}
+        names = {t["function"]["name"] for t in tools or []}
         calls = [c["function"] for m in msgs for c in m.get("tool_calls", [])]
-        assert {c["name"] for c in calls} <= names and len(names) == 2  # a choice: one tool not needed, or the two of a two-step task
         results = [m["content"] for m in msgs if m["role"] == "tool"]
+        assert r["answer"] in msgs[-1]["content"]
+        if r["task"] == "direct":  # no tools listed, no calls
+            assert not tools and not calls and not results
+            continue
+        assert {c["name"] for c in calls} <= names and len(names) == 2  # a choice: one tool not needed, or the two of a two-step task
         assert results == [tinyworld_tools().call(ToolCall(c["name"], c["arguments"])) for c in calls]
-        assert results[-1] == r["answer"] and r["answer"] in msgs[-1]["content"]
+        assert results[-1] == r["answer"]
 
 
 def test_sft_trains_the_calls_not_the_results(tok):
@@ -187,3 +192,112 @@ def test_a_malformed_call_stays_in_the_history_and_its_error_follows():
     results = tinyworld_tools().answer(parse_tool_calls(reply))
     assert results[0]["content"].startswith("error: the tool call is not valid JSON")
     render_chat_template([Q, msg, *results], TOOLS_CHAT_TEMPLATE, add_generation_prompt=True, tools=[ADD])  # renders
+
+
+# Episodes: the one loop that evaluates tool use (greedy) and rolls it out for agentic RL (sampled), driven here by
+# scripted replies in place of a model's.
+def scripted(tok, replies, monkeypatch):
+    "Make `tool_episodes` generate `replies` in turn (one list per round: a row's reply text, an end-of-turn token added unless it ends with '...')."
+    import minimind.tools as tools
+    rounds = iter(replies)
+    def fake(model, tok_, prompts, *args, **kw):
+        texts = next(rounds)
+        assert len(texts) == len(prompts)
+        return [tok.encode(t[:-3]) if t.endswith("...") else tok.encode(t) + [tok.eos_id] for t in texts]
+    monkeypatch.setattr(tools, "sample_completions", fake)
+
+ADD_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 48213, "b": 9077}}\n</tool_call>'
+
+@pytest.fixture
+def tok3(tok): return type(tok)(tok.tokenizer, chat_template=TOOLS_CHAT_TEMPLATE)
+
+def test_an_episode_reads_as_its_conversation_renders(tok3, monkeypatch):
+    "The episode's tokens are the chat of its messages; only the model's replies are trained; the result comes from the registry."
+    from minimind.tools import tool_episodes
+    from minimind.sft import chat_text
+    scripted(tok3, [[ADD_CALL], ["48213 + 9077 = 57290."]], monkeypatch)
+    conv = [{"role": "system", "content": "Be brief.", "tools": [ADD]}, Q]
+    (e,) = tool_episodes(None, tok3, [conv], tinyworld_tools())
+    assert e["final"] == "48213 + 9077 = 57290." and e["calls"] == 1 and e["errors"] == 0
+    assert [m["role"] for m in e["messages"]] == ["system", "user", "assistant", "tool", "assistant"] and e["messages"][3]["content"] == "57290"
+    assert tok3.decode(e["ids"]) == chat_text(tok3, e["messages"]).rstrip("\n")  # the template's text, through the last <|im_end|>
+    trained = tok3.decode([t for t, k in zip(e["ids"], e["trained"]) if k])
+    assert trained == ADD_CALL + "<|im_end|>" + "48213 + 9077 = 57290.<|im_end|>"
+
+@pytest.mark.parametrize("first, calls, errors", [
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call>', 1, 1),  # malformed JSON
+    ('<tool_call>\n{"name": "divide", "arguments": {"a": 1, "b": 2}}\n</tool_call>', 1, 1),  # unknown tool
+    ('<tool_call>\n{"name": "add", "arguments": {"a": "1", "b": 2}}\n</tool_call>', 1, 1),  # wrong type
+    ('<tool_call>\n{"name": "lookup", "arguments": {"name": "Nobody", "field": "town"}}\n</tool_call>', 1, 1),  # the tool raises
+    (ADD_CALL + "\n" + ADD_CALL + "\n" + ADD_CALL, 3, 1)])  # past the limit of 2 calls
+def test_bad_calls_do_not_stop_an_episode(tok3, monkeypatch, first, calls, errors):
+    from minimind.tools import tool_episodes
+    scripted(tok3, [[first], ["I could not."]], monkeypatch)
+    (e,) = tool_episodes(None, tok3, [[Q]], tinyworld_tools(max_calls=2))
+    assert e["final"] == "I could not." and e["calls"] == calls and e["errors"] == errors
+    assert sum(m["content"].startswith("error:") for m in e["messages"] if m["role"] == "tool") == errors
+
+def test_episodes_end_unfinished_when_cut_off_or_out_of_rounds(tok3, monkeypatch):
+    from minimind.tools import tool_episodes
+    scripted(tok3, [[ADD_CALL, "48213 + 90..."], [ADD_CALL]], monkeypatch)  # row 2 runs out of tokens; row 1 keeps calling
+    a, b = tool_episodes(None, tok3, [[Q], [Q]], tinyworld_tools(), max_rounds=2)
+    assert a["final"] is None and a["calls"] == 2 and b["final"] is None and b["calls"] == 0
+    assert a["ids"][-1] == tok3.eos_id and a["trained"][-1]  # ended on its own reply: no results to read after it
+
+def test_pack_episodes_trains_exactly_the_model_tokens():
+    from minimind.tools import pack_episodes
+    eps = [{"ids": [5, 6, 7, 8, 9], "trained": [False, False, True, False, True]}, {"ids": [5, 6, 7], "trained": [False, True, True]}]
+    b = pack_episodes(eps, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 7, 0]] and b["targets"].tolist() == [[6, 7, 8, 9], [6, 7, 0, 0]]
+    assert b["targets"][b["mask"]].tolist() == [7, 9, 6, 7]
+
+@pytest.mark.parametrize("final, calls, errors, reward", [("It is 57290.", 1, 0, 1.2), ("It is 57290.", 3, 0, 1.0), ("It is 5.", 1, 0, 0.2),
+                                                         ("It is 5.", 1, 1, 0.0), (None, 0, 0, 0.0), ("57290", 0, 0, 1.0)])
+def test_episode_reward(final, calls, errors, reward):
+    from minimind.tools import episode_reward
+    assert episode_reward({"final": final, "calls": calls, "errors": errors}, "57290", needed=1) == pytest.approx(reward)
+
+
+# The `tools` and `agent` stages of `python -m minimind.train`, at their quick sizes.
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    "A copy of the book's quick run folder through the reason stage."
+    import shutil
+    from minimind.reason import REASON
+    from minimind.runs import require
+    src = require(REASON, quick=True).parent
+    run = tmp_path_factory.mktemp("quick") / "run"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("checkpoints", ".lock", "grpo", "tools", "agent", "lora", "distill"))
+    return run
+
+def test_tools_then_agent_stages_with_quick_args(quick_run):
+    from minimind.tools import AGENT_QUICK_ARGS, TOOLS_QUICK_ARGS
+    t = run_cli("--run-dir", quick_run, "tools", *TOOLS_QUICK_ARGS)
+    assert t.returncode == 0, t.stderr[-3000:]
+    assert f"from {quick_run / 'reason' / 'model'}" in t.stdout and "24 tool conversations + 16 replayed" in t.stdout
+    folder = quick_run / "tools"
+    assert (folder / "model" / "model.safetensors").exists() and "tool_call" in (folder / "model" / "tokenizer_config.json").read_text()
+    val = [json.loads(l) for l in (folder / "tools_val.jsonl").read_text().splitlines()]
+    trained = (folder / "tools.jsonl").read_text()
+    assert len(val) == 8 and not any(json.dumps(c["function"]["arguments"]) in trained  # held out: no trained calculation
+                                     for r in val for m in r["conversations"] for c in m.get("tool_calls", []) if "a" in c["function"]["arguments"])
+    numbers = json.loads((folder / "done.json").read_text())["numbers"]
+    assert " -> " in numbers["accuracy"] and numbers["steps"] == 4 and "lookup" in numbers["by task"]
+    a = run_cli("--run-dir", quick_run, "agent", *AGENT_QUICK_ARGS)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert f"from {folder / 'model'}" in a.stdout and "held-out 8 problems" in a.stdout  # the tools stage's model and held-out file
+    numbers = json.loads((quick_run / "agent" / "done.json").read_text())["numbers"]
+    assert numbers["rounds"] == 2 and " -> " in numbers["accuracy"]
+    rounds = [json.loads(l) for l in (quick_run / "agent" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and all(k in rounds[0] for k in ("reward", "kl", "accuracy", "length"))
+
+@pytest.mark.parametrize("stage, record, why", [
+    ("agent", {"conversations": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}, ":1: answer"),
+    ("tools", {"conversations": [{"role": "user", "content": "1 + 1?"}, {"role": "tool", "content": "2"}]}, ":1: "),
+])
+def test_a_bad_data_file_is_one_error_line(quick_run, tmp_path, stage, record, why):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    out = run_cli("--run-dir", quick_run, stage, "--init", quick_run / "reason" / "model", "--data", bad, "--out", tmp_path / "out")
+    assert out.returncode != 0 and f"{bad}{why}" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:")

@@ -77,4 +77,4 @@ def test_the_pipelines_dtype_reaches_every_training_stage(tmp_path, monkeypatch)
     seen = {}
     monkeypatch.setattr(train, "run_stage", lambda stage, args: seen.update({stage.name: getattr(args, "dtype", None)}))
     train.run_pipeline(tmp_path, dtype="fp32")
-    assert seen == {"data": None, "tokenizer": None, **dict.fromkeys(("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo"), "fp32")}
+    assert seen == {"data": None, "tokenizer": None, **dict.fromkeys(("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "tools", "agent"), "fp32")}
