@@ -33,7 +33,7 @@ from .tools import TOOLS_CHAT_TEMPLATE, TOOLS_SYSTEM, ToolRegistry, tinyworld_to
 
 # %% ../nbs/10_chat.ipynb #12442aa6
 CHAT_LINE = ("dpo", "sft", "pretrain")  # a run folder's chat models, newest first: the default model of a run folder
-MODEL_STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")  # every stage that writes a model folder
+MODEL_STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "tools", "agent")  # every stage that writes a model folder
 
 def _is_model_dir(p:Path)->bool: return (p/"config.json").is_file() and any((p/n).is_file() for n in WEIGHT_FILES)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .data import jsonl_problem, read_jsonl, short_path, sniff_kind, write_jsonl
+from .data import chat_parts, jsonl_problem, read_jsonl, short_path, sniff_kind, write_jsonl
 from .engine import Trainer, causal_lm_loss
 from .grpo import GRPOConfig, GRPOLoss, Rollouts, add_rl_args, completion_tokens, group_advantages, grpo_configs
 from .hub import load_model, model_problem
@@ -164,11 +164,15 @@ class ToolRegistry:
 
     def specs(self)->list[dict]: return [t.spec() for t in self.tools.values()]  # the template's `tools`
 
+    def only(self, names)->"ToolRegistry": # the tools named, with the same call limit
+        "The registry a conversation may use: the tools it lists, no others (a call to one it does not list is an unknown tool)."
+        return ToolRegistry([t for n, t in self.tools.items() if n in names], self.max_calls)
+
     def call(self, call:ToolCall)->str: # the tool's result as text, or an "error: ..." message for the model
         "Run one call if its tool exists and its arguments fit; never raises."
         if call.error: return f"error: {call.error}"
         tool = self.tools.get(call.name)
-        if tool is None: return f"error: unknown tool {call.name!r} (tools: {', '.join(self.tools)})"
+        if tool is None: return f"error: unknown tool {call.name!r} (tools: {', '.join(self.tools) or 'none offered'})"
         if (problem := argument_problem(tool.parameters, call.arguments)): return f"error: {tool.name}: {problem}"
         try:
             result = tool.fn(**call.arguments)
@@ -186,7 +190,7 @@ class ToolRegistry:
              made:int=0, # calls the conversation made before this reply
             )->tuple[list[dict], list[ToolCall]]: # the reply's messages for the history (its assistant message, then a `tool` message per call), and its calls
         "One turn of a tool-using conversation: read the reply's calls, run them, and return what the history gains."
-        calls = parse_tool_calls(reply)
+        calls = parse_tool_calls(reply.rpartition("</think>")[2])  # a call inside the think block is thinking, not calling
         return [assistant_message(reply), *self.answer(calls, made)], calls
 
 # %% ../nbs/13_tools.ipynb #bc8a52bd
@@ -219,15 +223,15 @@ def tinyworld_tools(max_calls:int=8, # tool calls allowed in one conversation
 # %% ../nbs/13_tools.ipynb #c2d04869
 def assistant_message(reply:str, # the model's reply text
                      )->dict: # an assistant message: text, reasoning and structured tool calls
-    "The message a reply becomes in the history: `<think>` text as reasoning, calls as `tool_calls`; a malformed call stays in the text as written."
+    "The message a reply becomes in the history: `<think>` text as reasoning, calls after it as `tool_calls`; a malformed call stays in the text as written."
     calls = []
     def take(m): # a well-formed call moves to `tool_calls`; a malformed one stays, so the model sees what its error is about
         c = parse_tool_call(m.group(1))
         if c.error: return m.group(0)
         calls.append(c)
         return ""
-    text = TOOL_CALL_RE.sub(take, reply)
-    thought, _, text = text.rpartition("</think>")
+    thought, _, text = reply.rpartition("</think>")
+    text = TOOL_CALL_RE.sub(take, text)
     msg = {"role": "assistant", "content": text.strip("\n"), "reasoning_content": thought.split("<think>")[-1].strip("\n")}
     if calls: msg["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
     return msg
@@ -347,7 +351,7 @@ def continuation_ids(tok, # the tokenizer, with a template that renders tools
 def tool_episodes(model, # a chat model
                   tok, # its tokenizer, with a template that renders tools
                   conversations:list, # message lists ending with a user turn; tools on the system message
-                  registry:ToolRegistry, # the tools that run
+                  registry:ToolRegistry, # the tools that run (each conversation only the ones its system message lists)
                   temperature:float=0.0, # 0: greedy
                   seed:int|None=None, # sampling seed
                   open_thinking:bool=False, # let the model think before each reply
@@ -359,7 +363,9 @@ def tool_episodes(model, # a chat model
     eps = []
     for c in conversations:
         ids = tok.encode(chat_text(tok, c, add_generation_prompt=True, open_thinking=open_thinking))
-        eps.append({"messages": list(c), "final": None, "calls": 0, "errors": 0, "ids": ids, "trained": [False] * len(ids), "done": False})
+        offered = registry.only({t.get("function", t).get("name") for t in chat_parts(c)[1] or []})
+        eps.append({"messages": list(c), "final": None, "calls": 0, "errors": 0, "ids": ids, "trained": [False] * len(ids), "done": False,
+                    "registry": offered})
     for r in range(max_rounds):
         live = [e for e in eps if not e["done"]]
         if not live: break
@@ -367,7 +373,7 @@ def tool_episodes(model, # a chat model
                                      None if seed is None else seed + 7919 * r, batch_size)
         for e, reply_ids in zip(live, replies):
             e["ids"], e["trained"] = e["ids"] + reply_ids, e["trained"] + [True] * len(reply_ids)  # the model's tokens: trained
-            new, calls = registry.step(completion_text(tok, reply_ids), e["calls"])
+            new, calls = e["registry"].step(completion_text(tok, reply_ids), e["calls"])
             e["messages"] += new
             e["calls"] += len(calls)
             e["errors"] += sum(m["content"].startswith("error:") for m in new[1:])

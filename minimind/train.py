@@ -6,8 +6,8 @@ Docs: https://minimind-book.github.io/minimind/cli.html.md"""
 
 # %% auto #0
 __all__ = ['PIPELINE', 'SAMPLE_QUESTIONS', 'LINES', 'build_parser', 'run_pipeline', 'results_table', 'timing_line',
-           'with_text_perplexity', 'sample_chats', 'final_models', 'chat_samples', 'plot_curves', 'write_report',
-           'finish_pipeline', 'main']
+           'with_text_perplexity', 'sample_chats', 'final_models', 'tool_samples', 'episode_text', 'chat_samples',
+           'plot_curves', 'write_report', 'finish_pipeline', 'main']
 
 # %% ../nbs/90_cli.ipynb #840249d9
 import argparse
@@ -123,6 +123,30 @@ def final_models(run_dir:Path, # the run folder
             for line, names in LINES.items()}
     return {line: models[-1] for line, models in done.items() if models}
 
+def tool_samples(run_dir:Path, # the run folder
+                 tasks:tuple=("two-step", "lookup"), # the first held-out problem of each
+                )->list[tuple[str, str]]: # (question, the episode as text)
+    "The newest tool model's greedy episodes (chapter 13) on held-out problems of the `tools` stage."
+    from minimind.tools import question_part, read_tool_problems, tool_accuracy, tool_model, tools_tokenizer  # (only a pipeline run pays)
+    model_dir = next((Path(run_dir)/n/"model" for n in ("agent", "tools") if (Path(run_dir)/n/"model"/"config.json").exists()), None)
+    val = Path(run_dir)/"tools"/"tools_val.jsonl"
+    if model_dir is None or not val.exists(): return []
+    held_out = read_tool_problems(val)
+    problems = [next(r for r in held_out if r["task"] == t) for t in tasks if any(r["task"] == t for r in held_out)]
+    graded = tool_accuracy(tool_model(model_dir, 2048), tools_tokenizer(model_dir), problems)
+    return [(f"{question_part(r['conversations'])[-1]['content']} ({model_dir.parent.name}, with tools)", episode_text(e["messages"]))
+            for r, e in zip(problems, graded["states"])]
+
+def episode_text(messages:list[dict], # an episode's messages
+                )->str: # a line per call (`add({"a": 1, "b": 2})`), per result (`-> 3`) and per answer
+    lines = []
+    for m in messages:
+        if m["role"] == "tool": lines.append(f"-> {m['content']}")
+        elif m["role"] == "assistant":
+            lines += [f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})" for c in m.get("tool_calls", [])]
+            lines += [m["content"]] if m["content"] else []
+    return "\n".join(lines)
+
 def chat_samples(model_dir:Path, # a model folder with its tokenizer
                  chats:list[list[dict]], # from `sample_chats`
                  max_new_tokens:int=160, # most tokens per answer
@@ -183,6 +207,9 @@ def finish_pipeline(run_dir:Path, # the run folder
         for q, a in chat_samples(model_dir, chats[line]):
             print(f"\n> {q}\n{a}")
             samples.append((f"{q} ({model_dir.parent.name})", a))
+    for q, a in tool_samples(run_dir):
+        print(f"\n> {q}\n{a}")
+        samples.append((q, a))
     print(f"\nreport: {short_path(write_report(run_dir, rows, samples))}")
 
 # %% ../nbs/90_cli.ipynb #61a2c50f

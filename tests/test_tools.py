@@ -206,6 +206,7 @@ def scripted(tok, replies, monkeypatch):
         return [tok.encode(t[:-3]) if t.endswith("...") else tok.encode(t) + [tok.eos_id] for t in texts]
     monkeypatch.setattr(tools, "sample_completions", fake)
 
+OFFER = {"role": "system", "content": "Be brief.", "tools": [ADD, LOOK]}  # the tools an episode may run
 ADD_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 48213, "b": 9077}}\n</tool_call>'
 
 @pytest.fixture
@@ -233,14 +234,14 @@ def test_an_episode_reads_as_its_conversation_renders(tok3, monkeypatch):
 def test_bad_calls_do_not_stop_an_episode(tok3, monkeypatch, first, calls, errors):
     from minimind.tools import tool_episodes
     scripted(tok3, [[first], ["I could not."]], monkeypatch)
-    (e,) = tool_episodes(None, tok3, [[Q]], tinyworld_tools(max_calls=2))
+    (e,) = tool_episodes(None, tok3, [[OFFER, Q]], tinyworld_tools(max_calls=2))
     assert e["final"] == "I could not." and e["calls"] == calls and e["errors"] == errors
     assert sum(m["content"].startswith("error:") for m in e["messages"] if m["role"] == "tool") == errors
 
 def test_episodes_end_unfinished_when_cut_off_or_out_of_rounds(tok3, monkeypatch):
     from minimind.tools import tool_episodes
     scripted(tok3, [[ADD_CALL, "48213 + 90..."], [ADD_CALL]], monkeypatch)  # row 2 runs out of tokens; row 1 keeps calling
-    a, b = tool_episodes(None, tok3, [[Q], [Q]], tinyworld_tools(), max_rounds=2)
+    a, b = tool_episodes(None, tok3, [[OFFER, Q], [OFFER, Q]], tinyworld_tools(), max_rounds=2)
     assert a["final"] is None and a["calls"] == 2 and b["final"] is None and b["calls"] == 0
     assert a["ids"][-1] == tok3.eos_id and a["trained"][-1]  # ended on its own reply: no results to read after it
 
@@ -290,6 +291,8 @@ def test_tools_then_agent_stages_with_quick_args(quick_run):
     assert numbers["rounds"] == 2 and " -> " in numbers["accuracy"]
     rounds = [json.loads(l) for l in (quick_run / "agent" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2] and all(k in rounds[0] for k in ("reward", "kl", "accuracy", "length"))
+    from minimind.train import tool_samples
+    assert [q.split(" (")[-1] for q, _ in tool_samples(quick_run)] == ["agent, with tools)"] * 2  # the report's episodes: the newest tool model
 
 @pytest.mark.parametrize("stage, record, why", [
     ("agent", {"conversations": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}, ":1: answer"),
@@ -301,3 +304,29 @@ def test_a_bad_data_file_is_one_error_line(quick_run, tmp_path, stage, record, w
     out = run_cli("--run-dir", quick_run, stage, "--init", quick_run / "reason" / "model", "--data", bad, "--out", tmp_path / "out")
     assert out.returncode != 0 and f"{bad}{why}" in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:")
+
+def test_a_call_inside_the_think_block_is_not_a_call(tok3, monkeypatch):
+    "Thinking about a call (even a broken one) runs nothing; the reply after the think block is what counts."
+    from minimind.tools import tool_episodes
+    thought = '<think>\nmaybe <tool_call>\n{"name": "add", "arguments": {"a": 1,\n</think>\n\n'
+    scripted(tok3, [[thought + "It is 57290."], [thought + ADD_CALL], ["48213 + 9077 = 57290."]], monkeypatch)
+    (a,) = tool_episodes(None, tok3, [[OFFER, Q]], tinyworld_tools(), open_thinking=True)
+    assert a["final"] == "It is 57290." and a["calls"] == 0 and a["messages"][-1]["reasoning_content"].startswith("maybe <tool_call>")
+    (b,) = tool_episodes(None, tok3, [[OFFER, Q]], tinyworld_tools(), open_thinking=True)
+    assert b["calls"] == 1 and b["errors"] == 0 and b["final"] == "48213 + 9077 = 57290."
+
+def test_the_report_shows_an_episode_call_by_call():
+    from minimind.train import episode_text
+    msgs = [Q, {"role": "assistant", "content": "", "tool_calls": [call("add", {"a": 48213, "b": 9077})]},
+            {"role": "tool", "content": "57290"}, {"role": "assistant", "content": "48213 + 9077 = 57290."}]
+    assert episode_text(msgs) == 'add({"a": 48213, "b": 9077})\n-> 57290\n48213 + 9077 = 57290.'
+
+def test_an_episode_runs_only_the_tools_its_conversation_lists(tok3, monkeypatch):
+    "A tool the registry has but the conversation does not list is an unknown tool: no reward for calling what was not offered."
+    from minimind.tools import tool_episodes
+    scripted(tok3, [[ADD_CALL, ADD_CALL], ["I could not.", "I could not."]], monkeypatch)
+    listed = [{"role": "system", "content": "Be brief.", "tools": [LOOK]}, Q]
+    a, b = tool_episodes(None, tok3, [listed, [Q]], tinyworld_tools())
+    assert [m["content"] for m in a["messages"] if m["role"] == "tool"] == ["error: unknown tool 'add' (tools: lookup)"]
+    assert [m["content"] for m in b["messages"] if m["role"] == "tool"] == ["error: unknown tool 'add' (tools: none offered)"]
+    assert a["errors"] == b["errors"] == 1
