@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 import minimind.serve as serve
+from minimind.api import APIError, Limits, parse_chat_request
 from minimind.chat import ChatModel
 from minimind.generate import generate_text
-from minimind.serve import (APIError, BackgroundServer, Job, Limits, RoundRobinScheduler, build_parser, make_app,
-                            parse_chat_request)
+from minimind.serve import BackgroundServer, Job, RoundRobinScheduler, build_parser, make_app
 from minimind.tools import Tool, ToolRegistry, tinyworld_tools, tools_tokenizer
 from minimind.tokenizer import tinyworld_tokenizer
 
