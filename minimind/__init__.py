@@ -2,6 +2,8 @@
 
 Modules:
 
+- `minimind.agent`: Chapter 13's tools, used for real: episodes that run a model's calls to the end, SFT on tool conversations, and agentic RL (GRPO over whole tool-using episodes), with the `tools` and `agent` stages of `python -m minimind.train`.
+- `minimind.api`: OpenAI's chat-completion formats for the server: requests checked field by field (tools, `tool_choice`, tool messages and the thinking switch included) into the prompt's tokens, and replies turned into `reasoning_content`, `content` and `tool_calls`.
 - `minimind.chat`: `python -m minimind.chat --model RUN_OR_DIR`: a terminal chat that streams tokens, keeps the conversation, shows or hides think traces, and takes sampling flags; the same chat as a notebook widget.
 - `minimind.compute`: How a training step computes on this machine: the autocast dtype, whose matrix products, and the fastest way, timed once on the machine's own model and remembered.
 - `minimind.distill`: A small student learns from a bigger teacher's whole next-token distribution, not only from the one token the data says: soft targets, temperature, forward and reverse KL, and a teacher -> student run on TinyWorld.

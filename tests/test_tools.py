@@ -198,13 +198,13 @@ def test_a_malformed_call_stays_in_the_history_and_its_error_follows():
 # scripted replies in place of a model's.
 def scripted(tok, replies, monkeypatch):
     "Make `tool_episodes` generate `replies` in turn (one list per round: a row's reply text, an end-of-turn token added unless it ends with '...')."
-    import minimind.tools as tools
+    import minimind.agent as agent
     rounds = iter(replies)
     def fake(model, tok_, prompts, *args, **kw):
         texts = next(rounds)
         assert len(texts) == len(prompts)
         return [tok.encode(t[:-3]) if t.endswith("...") else tok.encode(t) + [tok.eos_id] for t in texts]
-    monkeypatch.setattr(tools, "sample_completions", fake)
+    monkeypatch.setattr(agent, "sample_completions", fake)
 
 OFFER = {"role": "system", "content": "Be brief.", "tools": [ADD, LOOK]}  # the tools an episode may run
 ADD_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 48213, "b": 9077}}\n</tool_call>'
@@ -214,7 +214,7 @@ def tok3(tok): return type(tok)(tok.tokenizer, chat_template=TOOLS_CHAT_TEMPLATE
 
 def test_an_episode_reads_as_its_conversation_renders(tok3, monkeypatch):
     "The episode's tokens are the chat of its messages; only the model's replies are trained; the result comes from the registry."
-    from minimind.tools import tool_episodes
+    from minimind.agent import tool_episodes
     from minimind.sft import chat_text
     scripted(tok3, [[ADD_CALL], ["48213 + 9077 = 57290."]], monkeypatch)
     conv = [{"role": "system", "content": "Be brief.", "tools": [ADD]}, Q]
@@ -232,21 +232,21 @@ def test_an_episode_reads_as_its_conversation_renders(tok3, monkeypatch):
     ('<tool_call>\n{"name": "lookup", "arguments": {"name": "Nobody", "field": "town"}}\n</tool_call>', 1, 1),  # the tool raises
     (ADD_CALL + "\n" + ADD_CALL + "\n" + ADD_CALL, 3, 1)])  # past the limit of 2 calls
 def test_bad_calls_do_not_stop_an_episode(tok3, monkeypatch, first, calls, errors):
-    from minimind.tools import tool_episodes
+    from minimind.agent import tool_episodes
     scripted(tok3, [[first], ["I could not."]], monkeypatch)
     (e,) = tool_episodes(None, tok3, [[OFFER, Q]], tinyworld_tools(max_calls=2))
     assert e["final"] == "I could not." and e["calls"] == calls and e["errors"] == errors
     assert sum(m["content"].startswith("error:") for m in e["messages"] if m["role"] == "tool") == errors
 
 def test_episodes_end_unfinished_when_cut_off_or_out_of_rounds(tok3, monkeypatch):
-    from minimind.tools import tool_episodes
+    from minimind.agent import tool_episodes
     scripted(tok3, [[ADD_CALL, "48213 + 90..."], [ADD_CALL]], monkeypatch)  # row 2 runs out of tokens; row 1 keeps calling
     a, b = tool_episodes(None, tok3, [[OFFER, Q], [OFFER, Q]], tinyworld_tools(), max_rounds=2)
     assert a["final"] is None and a["calls"] == 2 and b["final"] is None and b["calls"] == 0
     assert a["ids"][-1] == tok3.eos_id and a["trained"][-1]  # ended on its own reply: no results to read after it
 
 def test_pack_episodes_trains_exactly_the_model_tokens():
-    from minimind.tools import pack_episodes
+    from minimind.agent import pack_episodes
     eps = [{"ids": [5, 6, 7, 8, 9], "trained": [False, False, True, False, True]}, {"ids": [5, 6, 7], "trained": [False, True, True]}]
     b = pack_episodes(eps, pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 7, 0]] and b["targets"].tolist() == [[6, 7, 8, 9], [6, 7, 0, 0]]
@@ -255,7 +255,7 @@ def test_pack_episodes_trains_exactly_the_model_tokens():
 @pytest.mark.parametrize("final, calls, errors, reward", [("It is 57290.", 1, 0, 1.2), ("It is 57290.", 3, 0, 1.0), ("It is 5.", 1, 0, 0.2),
                                                          ("It is 5.", 1, 1, 0.0), (None, 0, 0, 0.0), ("57290", 0, 0, 1.0)])
 def test_episode_reward(final, calls, errors, reward):
-    from minimind.tools import episode_reward
+    from minimind.agent import episode_reward
     assert episode_reward({"final": final, "calls": calls, "errors": errors}, "57290", needed=1) == pytest.approx(reward)
 
 
@@ -272,7 +272,7 @@ def quick_run(tmp_path_factory):
     return run
 
 def test_tools_then_agent_stages_with_quick_args(quick_run):
-    from minimind.tools import AGENT_QUICK_ARGS, TOOLS_QUICK_ARGS
+    from minimind.agent import AGENT_QUICK_ARGS, TOOLS_QUICK_ARGS
     t = run_cli("--run-dir", quick_run, "tools", *TOOLS_QUICK_ARGS)
     assert t.returncode == 0, t.stderr[-3000:]
     assert f"from {quick_run / 'reason' / 'model'}" in t.stdout and "24 tool conversations + 16 replayed" in t.stdout
@@ -307,7 +307,7 @@ def test_a_bad_data_file_is_one_error_line(quick_run, tmp_path, stage, record, w
 
 def test_a_call_inside_the_think_block_is_not_a_call(tok3, monkeypatch):
     "Thinking about a call (even a broken one) runs nothing; the reply after the think block is what counts."
-    from minimind.tools import tool_episodes
+    from minimind.agent import tool_episodes
     thought = '<think>\nmaybe <tool_call>\n{"name": "add", "arguments": {"a": 1,\n</think>\n\n'
     scripted(tok3, [[thought + "It is 57290."], [thought + ADD_CALL], ["48213 + 9077 = 57290."]], monkeypatch)
     (a,) = tool_episodes(None, tok3, [[OFFER, Q]], tinyworld_tools(), open_thinking=True)
@@ -323,7 +323,7 @@ def test_the_report_shows_an_episode_call_by_call():
 
 def test_an_episode_runs_only_the_tools_its_conversation_lists(tok3, monkeypatch):
     "A tool the registry has but the conversation does not list is an unknown tool: no reward for calling what was not offered."
-    from minimind.tools import tool_episodes
+    from minimind.agent import tool_episodes
     scripted(tok3, [[ADD_CALL, ADD_CALL], ["I could not.", "I could not."]], monkeypatch)
     listed = [{"role": "system", "content": "Be brief.", "tools": [LOOK]}, Q]
     a, b = tool_episodes(None, tok3, [listed, [Q]], tinyworld_tools())
