@@ -237,9 +237,10 @@ _NEEDS = {"add": ["add"], "subtract": ["subtract"], "multiply": ["multiply"], "l
 
 def offered_tools(rng, # a random.Random
                   kind:str, # one of TOOL_TASKS
+                  reg:ToolRegistry|None=None, # the tools to choose from (default `tinyworld_tools()`)
                  )->list[dict]: # tool specs in registry order: the ones the task needs, and one it does not if it needs one
     "The tools a task's conversation lists: the model must pick the right one, and the prompt stays short."
-    reg = tinyworld_tools()
+    reg = reg or tinyworld_tools()
     extra = rng.choice([n for n in reg.tools if n not in _NEEDS[kind]]) if len(_NEEDS[kind]) == 1 else None
     return [t.spec() for n, t in reg.tools.items() if n in _NEEDS[kind] or n == extra]
 
@@ -284,7 +285,7 @@ def tool_task(rng, # a random.Random
         q, c = f"{a}加{b}等于多少？" if zh else f"What is {a} + {b}?", str(a + b)
         msgs = [turn(_REASONS["direct"][zh], content=f"{a}加{b}等于{c}。" if zh else f"{a} + {b} = {c}.")]
     else: raise ValueError(f"unknown tool task {kind!r} (expected one of {', '.join(TOOL_TASKS)})")
-    tools = offered_tools(rng, kind)
+    tools = offered_tools(rng, kind, reg)
     system = [{"role": "system", "content": TOOLS_SYSTEM[lang]} | ({"tools": tools} if tools else {})] if tools or rng.random() < 0.5 else []
     return {"conversations": [*system, {"role": "user", "content": q}, *msgs], "answer": c, "task": kind,
             "difficulty": TOOL_TASKS.index(kind)}  # the task is the level GRPO's curriculum tracks
