@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .compute import Compute, amp_dtype, cpu_candidates, remembered_rates
+from .compute import Compute, amp_dtype, cpu_candidates, pick_device, remembered_rates
 from .data import atomic_write, short_path
 from .hub import export_hf
 from .model import ONEDNN_FP32, linear, onednn_products
@@ -211,7 +211,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # largest gradient norm; 0: no clipping
     dtype: str = "auto"  # auto, fp32, bf16 or fp16 (see `amp_dtype`); on a CPU, auto times them (see `Compute`)
     compile: bool = False  # torch.compile the model (compiled code uses its own kernels, not `linear`'s oneDNN products)
-    device: str|None = None  # default: cuda:LOCAL_RANK if there is a GPU, else cpu
+    device: str|None = None  # default: `pick_device`'s choice (cuda:LOCAL_RANK, else mps, else cpu)
     eval_every: int = 0  # evaluate every N steps (and at step 0 and the end); 0: only at the end
     eval_batches: int|None = None  # micro-batches per process and evaluation; None: the whole held-out set
     save_every: int = 0  # checkpoint every N steps; 0: only at the end
@@ -244,7 +244,7 @@ class Trainer:
         self.source = train_data if hasattr(train_data, "batches") else None  # a stage's own batches (GRPO's rollouts)
         place = dist_context()  # starts the process group under torchrun
         self.rank, self.world, self.is_main = place.rank, place.world_size, place.is_main
-        self.device = torch.device(config.device or (f"cuda:{place.local_rank}" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(config.device or "auto", place.local_rank)
         self.model = model.to(self.device)  # fp32 master weights
         ways = self._candidates()
         self.compute = ways[0] if len(ways) == 1 else None  # None: chosen below, by the checkpoint or by timing

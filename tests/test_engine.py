@@ -263,3 +263,15 @@ def test_resume_with_another_number_of_processes(cli_runs):
     assert [(r["split"], r["step"]) for r in a] == [(r["split"], r["step"]) for r in b]  # records after step 3 replaced
     expected = {(r["split"], r["step"]): r.get("loss", r.get("val_loss")) for r in a}
     for r in b: assert r.get("loss", r.get("val_loss")) == pytest.approx(expected[(r["split"], r["step"])], rel=1e-5)
+
+def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    from minimind.compute import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device mps: this machine has no Apple GPU"): pick_device("mps")
+    with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA GPU"): pick_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device() == torch.device("mps") and pick_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device(local_rank=3) == torch.device("cuda:3")  # torchrun's process 3 takes GPU 3
