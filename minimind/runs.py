@@ -210,7 +210,7 @@ def _file_hash(path:str)->str:
 
 def content_hash(path:str|Path, # a file or a folder
                 )->str: # hex sha256
-    "A hash of a file's bytes, or of a folder's file names and contents (hidden files and checkpoints left out)."
+    "A hash of a file's bytes, or of a folder's file names and contents (hidden files left out)."
     path = Path(path)
     if path.is_file():
         st = path.stat()  # big files are hashed once per process, unless they change size or time
