@@ -78,7 +78,8 @@ def _num(obj:dict, key:str, default, lo:float, hi:float, integer:bool=False, lo_
     kind = "an integer" if integer else "a number"
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if not ok or isinstance(v, bool) or not ((lo < v if lo_open else lo <= v) and v <= hi):
-        rng = f"{'above' if lo_open else 'from'} {lo:g} {'up to' if lo_open else 'to'} {hi:g}"
+        show = str if integer else (lambda x: f"{x:g}")  # 9223372036854775807, not 9.22337e+18
+        rng = f"{'above' if lo_open else 'from'} {show(lo)} {'up to' if lo_open else 'to'} {show(hi)}"
         raise APIError(400, f"{key} must be {kind} {rng}, got {json.dumps(v)[:40]}", key)
     return v
 

@@ -385,7 +385,7 @@ def build_parser()->argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=number(int, low=1), default=1024, help="most new tokens one request may ask for")
     p.add_argument("--default-max-tokens", type=number(int, low=1), default=256, help="new tokens when a request does not say")
     p.add_argument("--max-active", type=number(int, low=1), default=16, help="requests generating at once")
-    p.add_argument("--max-queue", type=number(int, low=0), default=64, help="requests waiting beyond those (more get 503)")
+    p.add_argument("--max-queue", type=number(int, low=1), default=64, help="requests waiting beyond those (more get 503)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API requests")
     p.add_argument("--tools", action="store_true", help="run TinyWorld's tools (add, subtract, multiply, lookup; chapter 13) "
                    "for the chat page: GET /tools lists them, POST /tools/call runs one")

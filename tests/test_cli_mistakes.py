@@ -91,6 +91,7 @@ USING = {  # name: (module, arguments, a piece of the error line); "{m}" is a mo
     "chat: a device that is not one": ("chat", ["--model", "{m}", "--device", "gpu9", "--prompt", "hi"], "not a device"),
     "serve: missing model": ("serve", ["--model", "{d}/nope"], "no such file or folder"),
     "serve: a port out of range": ("serve", ["--model", "{m}", "--port", "70000"], "expected >= 0 and <= 65535"),
+    "serve: no room to queue": ("serve", ["--model", "{m}", "--max-queue", "0"], "0 is out of range: expected >= 1"),  # Queue(0) has no limit
     "eval: missing data file": ("eval", ["--model", "{m}", "--task", "choice", "--data", "{d}/nope.jsonl"], "no such file"),
     "eval: a folder as data": ("eval", ["--model", "{m}", "--task", "ppl", "--data", "{d}/not_a_model"], "a folder, not a file"),
     "eval: the wrong kind of file": ("eval", ["--model", "{m}", "--task", "choice", "--data", "{d}/text.jsonl"], "question"),

@@ -223,6 +223,12 @@ def test_bad_requests_get_openai_errors(random_server, what, body, status, param
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
 
 
+def test_an_integer_range_is_written_whole(random_server):
+    srv, app, cm = random_server
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={**chat(cm, "hi"), "seed": -1}, timeout=30)
+    assert r.json()["error"]["message"] == "seed must be an integer from 0 to 9223372036854775807, got -1"  # not 9.22337e+18
+
+
 def test_server_survives_malformed_requests_and_framework_errors(random_server):
     srv, app, cm = random_server
     url = f"{srv.url}/v1/chat/completions"
