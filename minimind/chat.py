@@ -221,9 +221,9 @@ def send(self:ChatSession, text:str, # the user's message
                 yield "tool", f"{c.name or '?'}({json.dumps(c.arguments, ensure_ascii=False)}) -> {r['content']}\n"
             msgs = msgs + new
             parts = {"reasoning": "", "content": ""}
-    finally:  # a reply cut short by Ctrl-C or a closed widget still becomes part of the conversation
-        self.messages = msgs + ([{"role": "assistant", "content": parts["content"]}] if parts["content"] else [])
-        self.last = parts
+    finally:  # a reply cut short by Ctrl-C or a closed widget still becomes part of the conversation, if it has an answer
+        if parts["content"]: self.messages = msgs + [{"role": "assistant", "content": parts["content"]}]
+        self.last = parts  # (without one, e.g. cut inside its think block, the exchange is not kept: no two user turns in a row)
 
 @patch
 def ask(self:ChatSession, text:str, # the user's message

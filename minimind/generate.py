@@ -89,6 +89,7 @@ def top_p_filter(logits:torch.Tensor, # (B, V)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     drop = probs.cumsum(-1) - probs >= p        # the mass before this token already reaches p
+    drop[..., 0] = False                        # the best token always stays (p = 0 would keep nothing)
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 def sample_next(logits:torch.Tensor, # (B, V) next-token logits

@@ -125,6 +125,13 @@ def test_an_interrupted_reply_stays_in_the_history(quick):
     it.close()  # the user pressed Ctrl-C
     assert s.messages[-1] == {"role": "assistant", "content": shown} and shown
 
+def test_a_reply_with_no_answer_leaves_no_user_turn_behind(monkeypatch, quick):
+    import minimind.chat
+    monkeypatch.setattr(minimind.chat, "stream", lambda *a, **k: iter(["<think>", "\nstill thinking"]))  # cut inside its trace
+    s = ChatSession(quick.model, quick.tokenizer, temperature=0, max_new_tokens=8)
+    s.ask("Who are you?"); s.ask("And where do you live?")
+    assert s.messages == [] and s.last == {"reasoning": "still thinking", "content": ""}
+
 
 # ---- the program and the widget --------------------------------------------------------------------------------
 

@@ -135,6 +135,7 @@ def test_sampling_filters():
     for top_p in (0.3, 0.6, 0.8, 0.95):
         n = int(top_p_filter(z, top_p).isfinite().sum())
         assert p[:n - 1].sum() < top_p <= p[:n].sum() + 1e-6
+    assert top_p_filter(z[:, [2, 0, 1]], 0.0).isfinite().tolist() == [[False, True, False]]  # p = 0: the best token stays
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([sample_next(z, 1.0, top_k=2, generator=g) for _ in range(200)])
     assert set(draws.flatten().tolist()) == {0, 1}
