@@ -287,6 +287,7 @@ def test_tools_then_agent_stages_with_quick_args(quick_run):
     a = run_cli("--run-dir", quick_run, "agent", *AGENT_QUICK_ARGS)
     assert a.returncode == 0, a.stderr[-3000:]
     assert f"from {folder / 'model'}" in a.stdout and "held-out 8 problems" in a.stdout  # the tools stage's model and held-out file
+    assert "16 problems (lookup, two-step)" in a.stdout  # by default RL trains where tool SFT leaves errors
     numbers = json.loads((quick_run / "agent" / "done.json").read_text())["numbers"]
     assert numbers["rounds"] == 2 and " -> " in numbers["accuracy"]
     rounds = [json.loads(l) for l in (quick_run / "agent" / "metrics.jsonl").read_text().splitlines()]
