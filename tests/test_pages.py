@@ -45,3 +45,13 @@ def test_the_script_renders_pages_and_fails_on_a_problem(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad: check_pages.main([str(folder), "--html", str(tmp_path/"html")])
     assert bad.value.code == 1
     assert "02_bad.ipynb: a machine path on the page" in capsys.readouterr().out
+
+def test_the_roadmap_figures_are_the_script_s_and_every_chapter_shows_its_own():
+    spec = importlib.util.spec_from_file_location("roadmaps", Path(__file__).parents[1]/".ci"/"roadmaps.py")
+    roadmaps = importlib.util.module_from_spec(spec); spec.loader.exec_module(roadmaps)
+    roadmaps.main(["--check"])  # exits with the stale names if a committed figure is not what the script writes
+    nbs = Path(__file__).parents[1]/"nbs"
+    chapters = sorted(p.stem for p in nbs.glob("*.ipynb") if p.stem != "index")
+    assert sorted(roadmaps.chapters()) == chapters  # every chapter has a box, and no box names a missing chapter
+    for c in chapters: assert f"images/roadmap_{c}.svg" in (nbs/f"{c}.ipynb").read_text(), c
+    assert 'fill="#f39c12"' in roadmaps.svg("05_sft") and roadmaps.svg("05_sft").count('fill="#f39c12"') == 1
