@@ -24,7 +24,7 @@ import torch
 
 from .data import chat_parts, jsonl_problem, read_jsonl, short_path, sniff_kind, write_jsonl
 from .engine import Trainer, causal_lm_loss
-from .grpo import GRPOConfig, GRPOLoss, Rollouts, add_rl_args, completion_tokens, group_advantages, grpo_configs
+from .grpo import GRPOConfig, GRPOLoss, Rollouts, add_rl_args, completion_tokens, grpo_configs
 from .hub import load_model, model_problem
 from .pretrain import add_engine_args, engine_config
 from .reason import REASON, completion_text, problems_problem, read_problems, sample_completions
@@ -146,16 +146,13 @@ class ToolRollouts(Rollouts):
         "G episodes per problem from the current policy, scored by `episode_reward`."
         cfg, G, t = self.cfg, self.cfg.group_size, self.trainer
         convs = [question_part(r["conversations"]) for r in records for _ in range(G)]
-        eps = tool_episodes(t.model, self.tok, convs, self.registry, cfg.temperature, cfg.seed * 1_000_003 + self.round * t.world + t.rank,
+        eps = tool_episodes(t.model, self.tok, convs, self.registry, cfg.temperature, self.sample_seed,
                             max_rounds=self.max_rounds, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch)
         rows = [r for r in records for _ in range(G)]
-        rewards = torch.tensor([episode_reward(e, r["answer"], needed_calls(r), *self.weights) for e, r in zip(eps, rows)])
-        batch = pack_episodes(eps, self.tok.pad_id)
-        batch["advantages"] = group_advantages(rewards.view(-1, G)).flatten()
-        batch.update(rewards=rewards, levels=[r.get("difficulty", 0) for r in rows],
-                     solved=torch.tensor([e["final"] is not None and reply_has(e["final"], r["answer"]) for e, r in zip(eps, rows)], dtype=torch.float),
-                     lengths=torch.tensor([sum(e["trained"]) for e in eps], dtype=torch.float))
-        return batch
+        return self.scored(pack_episodes(eps, self.tok.pad_id), records,
+                           [episode_reward(e, r["answer"], needed_calls(r), *self.weights) for e, r in zip(eps, rows)],
+                           [e["final"] is not None and reply_has(e["final"], r["answer"]) for e, r in zip(eps, rows)],
+                           [sum(e["trained"]) for e in eps])
 
 # %% ../nbs/13b_agent.ipynb #3227bfb7
 TOOLS_STEPS = 400  # default budget of `tools` without --steps or --epochs

@@ -215,21 +215,33 @@ def round_prompts(self:Rollouts)->list[dict]: # this process's problems for the 
     per = self.cfg.prompts // t.world
     return chosen[t.rank * per:(t.rank + 1) * per]
 
+@patch(as_prop=True)
+def sample_seed(self:Rollouts)->int: # this process's sampling seed for the round
+    return self.cfg.seed * 1_000_003 + self.round * self.trainer.world + self.trainer.rank
+
+@patch
+def scored(self:Rollouts, batch:dict, # packed rows, G per problem in order
+           records:list[dict], # the round's problems
+           rewards:list[float], solved:list[bool], lengths:list[int], # per row
+          )->dict: # `batch` with the group advantages and the round's scores
+    "Add what every rollout adds: advantages within each problem's group, and the numbers the round logs."
+    G = self.cfg.group_size
+    rewards = torch.tensor(rewards, dtype=torch.float)
+    batch["advantages"] = group_advantages(rewards.view(-1, G)).flatten()
+    batch.update(rewards=rewards, levels=[r.get("difficulty", 0) for r in records for _ in range(G)],
+                 solved=torch.tensor(solved, dtype=torch.float), lengths=torch.tensor(lengths, dtype=torch.float))
+    return batch
+
 @patch
 def rollout(self:Rollouts, records:list[dict])->dict: # `pack_rollouts` tensors, advantages, and the round's scores
     "G completions per problem from the current policy, scored by the verifiable reward."
     cfg, G, t = self.cfg, self.cfg.group_size, self.trainer
     prompts = [prompt_ids(self.tok, r["conversations"]) for r in records for _ in range(G)]
-    seed = cfg.seed * 1_000_003 + self.round * t.world + t.rank
-    comps = sample_completions(t.model, self.tok, prompts, cfg.max_new_tokens, cfg.temperature, seed, cfg.gen_batch)
+    comps = sample_completions(t.model, self.tok, prompts, cfg.max_new_tokens, cfg.temperature, self.sample_seed, cfg.gen_batch)
     texts, answers = [completion_text(self.tok, c) for c in comps], [r["answer"] for r in records for _ in range(G)]
-    rewards = torch.tensor([reward(x, a, cfg.format_weight, cfg.partial_weight) for x, a in zip(texts, answers)])
-    batch = pack_rollouts(prompts, comps, self.tok.pad_id)
-    batch["advantages"] = group_advantages(rewards.view(-1, G)).flatten()
-    batch.update(rewards=rewards, levels=[r.get("difficulty", 0) for r in records for _ in range(G)],
-                 solved=torch.tensor([answer_correct(extract_answer(x), a) for x, a in zip(texts, answers)], dtype=torch.float),
-                 lengths=torch.tensor([len(c) for c in comps], dtype=torch.float))
-    return batch
+    return self.scored(pack_rollouts(prompts, comps, self.tok.pad_id), records,
+                       [reward(x, a, cfg.format_weight, cfg.partial_weight) for x, a in zip(texts, answers)],
+                       [answer_correct(extract_answer(x), a) for x, a in zip(texts, answers)], [len(c) for c in comps])
 
 @patch
 @torch.no_grad()

@@ -30,7 +30,8 @@ from .runs import RUN_DIR, Interrupted, Parser, RunError, dist_context, numbers_
 from .sft import SFT, graded_turns, story_requests
 from .tinyworld import DATA
 from .tokenizer import TOKENIZER
-from .agent import AGENT, TOOLS
+from .agent import AGENT, TOOLS, read_tool_problems, tool_accuracy, tool_model
+from .tools import question_part, tools_tokenizer
 
 # %% ../nbs/90_cli.ipynb #894c61c9
 PIPELINE = (DATA, TOKENIZER, PRETRAIN, SFT, LORA, DPO, DISTILL, REASON, GRPO, TOOLS, AGENT)  # what `python -m minimind.train` runs, in order
@@ -127,8 +128,6 @@ def tool_samples(run_dir:Path, # the run folder
                  tasks:tuple=("two-step", "lookup"), # the first held-out problem of each
                 )->list[tuple[str, str]]: # (question, the episode as text)
     "The newest tool model's greedy episodes (chapter 13) on held-out problems of the `tools` stage."
-    from minimind.agent import read_tool_problems, tool_accuracy, tool_model  # (only a pipeline run pays)
-    from minimind.tools import question_part, tools_tokenizer
     model_dir = next((Path(run_dir)/n/"model" for n in ("agent", "tools") if (Path(run_dir)/n/"model"/"config.json").exists()), None)
     val = Path(run_dir)/"tools"/"tools_val.jsonl"
     if model_dir is None or not val.exists(): return []
