@@ -1,5 +1,6 @@
 "The OpenAI-compatible server: the official client, concurrent streams, disconnects, bad requests, the chat page."
 import asyncio
+import base64
 import fcntl
 import json
 import os
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 import minimind.serve as serve
@@ -332,6 +335,10 @@ class Chromium:
         if "exceptionDetails" in r: raise RuntimeError(r["exceptionDetails"])
         return r["result"].get("value")
 
+    def screenshot(self, session, path):
+        "Save what the page shows as a PNG at `path`."
+        Path(path).write_bytes(base64.b64decode(self.send("Page.captureScreenshot", session, format="png")["data"]))
+
     def close(self):
         try: self.send("Browser.close", timeout=5)
         except Exception: pass
@@ -570,7 +577,9 @@ def test_tools_endpoints_run_calls_and_never_crash(tool_server, random_server):
     assert build_parser().parse_args(["--model", "x", "--tools"]).tools and not build_parser().parse_args(["--model", "x"]).tools
 
 
-def test_chat_page_runs_tool_calls_in_chromium(tool_server, script):
+def test_chat_page_runs_tool_calls_in_chromium(tool_server, script, tmp_path):
+    """A scripted model calls `add`; the page runs the call and shows it. The page is photographed when the answer is in:
+    set MINIMIND_SCREENSHOTS to a folder to keep the picture (chapter 11's figure of the chat page comes from here)."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None: pytest.skip("no chromium on PATH: the browser test of the chat page needs a headless Chromium")
     srv, app, cm = tool_server
@@ -579,6 +588,7 @@ def test_chat_page_runs_tool_calls_in_chromium(tool_server, script):
     try:
         target = browser.send("Target.createTarget", url=srv.url + "/")["targetId"]
         s = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.send("Emulation.setDeviceMetricsOverride", s, width=900, height=420, deviceScaleFactor=1, mobile=False)
         wait_for(lambda: "add" in (browser.js(s, "(document.getElementById('tools') || {}).textContent") or ""))
         browser.js(s, "document.getElementById('input').value = 'What is 1 + 2?'; document.getElementById('form').requestSubmit()")
         wait_for(lambda: browser.js(s, "document.body.dataset.state") == "busy", timeout=10)
@@ -586,8 +596,12 @@ def test_chat_page_runs_tool_calls_in_chromium(tool_server, script):
         tool_lines = browser.js(s, "[...document.querySelectorAll('.assistant .tool')].map(d => d.textContent)")
         text = browser.js(s, "[...document.querySelectorAll('.assistant .content')].map(d => d.textContent).join('|')")
         errors = browser.js(s, "document.querySelectorAll('.error').length")
+        browser.screenshot(s, tmp_path/"chat_page.png")
     finally:
         browser.close()
+    shot = plt.imread(tmp_path/"chat_page.png")  # height x width x RGBA
+    assert shot.shape[:2] == (420, 900) and len(np.unique(shot.reshape(-1, shot.shape[-1]), axis=0)) > 16  # drawn, not blank
+    if os.environ.get("MINIMIND_SCREENSHOTS"): shutil.copy(tmp_path/"chat_page.png", Path(os.environ["MINIMIND_SCREENSHOTS"]))
     assert errors == 0 and tool_lines == ['[tool] add({"a": 1, "b": 2}) -> 3'] and text == "|1 + 2 = 3."
     first, second = script["requests"]
     assert [t["function"]["name"] for t in first.tools] == ["add", "subtract", "multiply", "lookup", "boom", "odd"]
