@@ -275,3 +275,22 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     assert pick_device() == torch.device("mps") and pick_device("mps") == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device(local_rank=3) == torch.device("cuda:3")  # torchrun's process 3 takes GPU 3
+
+
+def test_book_setup_says_where_a_chapter_ran_and_shrinks_it_under_nbdev_test(monkeypatch, capsys):
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("IN_TEST", raising=False)
+        torch.set_num_threads(2)
+        assert compute.book_setup() is False and torch.get_num_threads() == 2  # a reader's run keeps its threads
+        line = capsys.readouterr().out
+        assert line.startswith(f"torch {torch.__version__} · cpu: ") and "2 threads" in line and "nbdev-test" not in line
+        monkeypatch.setenv("IN_TEST", "1")
+        assert compute.book_setup() is True and torch.get_num_threads() == 1
+        assert capsys.readouterr().out.rstrip().endswith("· nbdev-test sizes")
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a T4: fp16
+    assert compute.machine_line(torch.device("cuda:0")).endswith("cuda:0: NVIDIA GeForce RTX 3090 · dtype float16")
