@@ -7,7 +7,7 @@ Docs: https://minimind-book.github.io/minimind/cli.html.md"""
 # %% auto #0
 __all__ = ['PIPELINE', 'SAMPLE_QUESTIONS', 'LINES', 'build_parser', 'run_pipeline', 'results_table', 'timing_line',
            'with_text_perplexity', 'sample_chats', 'final_models', 'tool_samples', 'episode_text', 'chat_samples',
-           'plot_curves', 'write_report', 'finish_pipeline', 'main']
+           'plot_curves', 'plot_seconds', 'done_rows', 'write_report', 'finish_pipeline', 'main']
 
 # %% ../nbs/90_cli.ipynb #840249d9
 import argparse
@@ -26,7 +26,8 @@ from .grpo import GRPO
 from .lora import LORA
 from .pretrain import PRETRAIN
 from .reason import REASON
-from .runs import RUN_DIR, Interrupted, Parser, RunError, dist_context, numbers_text, run_stage, stage_args, stage_parser
+from .runs import (RUN_DIR, Interrupted, Parser, RunError, dist_context, numbers_text, read_done, run_stage, stage_args,
+                           stage_parser)
 from .sft import SFT, graded_turns, story_requests
 from .tinyworld import DATA
 from .tokenizer import TOKENIZER
@@ -162,31 +163,58 @@ def chat_samples(model_dir:Path, # a model folder with its tokenizer
 def plot_curves(run_dir:Path, # the run folder
                 stages:list[str], # stages to plot, in order
                )->Path|None: # the figure (None when no stage logged metrics)
-    "Training and held-out loss over steps, a panel per stage, from each stage's metrics.jsonl."
+    "Training and held-out loss over steps (the reward for RL stages), a panel per stage, from each stage's metrics.jsonl."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     logged = [n for n in stages if (Path(run_dir)/n/"metrics.jsonl").exists()]
     if not logged: return None
-    fig, axes = plt.subplots(1, len(logged), figsize=(3.2 * len(logged), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], logged):
+    cols = min(4, len(logged))  # a grid four panels wide, so the figure fits a page
+    rows = -(-len(logged) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(logged):]: ax.axis("off")
+    for ax, name in zip(axes.flat, logged):
         recs = [json.loads(l) for l in (Path(run_dir)/name/"metrics.jsonl").read_text().splitlines() if l.strip()]
-        for split, key in (("train", "loss"), ("val", "val_loss")):
+        rl = any("reward" in r for r in recs)  # an RL stage: its loss is a surrogate, the reward is what it climbs
+        for split, key in (("train", "reward"),) if rl else (("train", "loss"), ("val", "val_loss")):
             pts = [(r["step"], r[key]) for r in recs if r.get("split") == split and r.get(key) is not None]
-            if pts: ax.plot(*zip(*pts), marker="." if split == "val" else None, label=split)
+            if pts: ax.plot(*zip(*pts), marker="." if split == "val" else None, label=f"{split} {key.removeprefix('val_')}")
         ax.set_title(name); ax.set_xlabel("step"); ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("loss")
     fig.tight_layout()
     fig.savefig(Path(run_dir)/"curves.png", dpi=110); plt.close(fig)
     return Path(run_dir)/"curves.png"
+
+def plot_seconds(run_dir:Path, # the run folder
+                 rows:list[tuple[str, float, dict]], # (stage, seconds, numbers) per stage
+                )->Path: # the figure
+    "A bar per stage: the seconds it took, first stage on top."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names, secs = [n for n, _, _ in rows][::-1], [t for _, t, _ in rows][::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 0.9))
+    bars = ax.barh(names, secs, color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{t:.0f} s" for t in secs], padding=3, fontsize=8)
+    ax.set_xlabel("seconds"); ax.set_xlim(0, max(secs) * 1.15)
+    ax.set_title(f"{sum(secs) / 60:.1f} minutes in all", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(Path(run_dir)/"seconds.png", dpi=110); plt.close(fig)
+    return Path(run_dir)/"seconds.png"
+
+def done_rows(run_dir:Path, # a run folder
+              stages:list[str]|None=None, # which stages, in order (default: every `PIPELINE` stage that is done)
+             )->list[tuple[str, float, dict]]: # (stage, seconds, numbers) per stage, as `run_pipeline` returns them
+    "The rows of a run's stages, read from their `done.json`."
+    names = stages or [s.name for s in PIPELINE if read_done(Path(run_dir)/s.name)]
+    return [(n, (d := read_done(Path(run_dir)/n))["seconds"], d["numbers"]) for n in names]
 
 def write_report(run_dir:Path, # the run folder
                  rows:list[tuple[str, float, dict]], # (stage, seconds, numbers) per stage
                  samples:list[tuple[str, str]], # from `chat_samples`
                 )->Path: # report.md
-    "A short Markdown report of a pipeline run: the results, the curves, the chats."
+    "A short Markdown report of a pipeline run: the results, the curves, the time per stage, the chats."
     curves = plot_curves(run_dir, [n for n, _, _ in rows])
     parts = ["# TinyWorld pipeline run", "", results_table(rows), "", timing_line(rows), ""]
     if curves: parts += ["![training and held-out loss per stage](curves.png)", ""]
+    parts += [f"![seconds per stage]({plot_seconds(run_dir, rows).name})", ""]
     for q, a in samples: parts += [f"**{q}**", "", "```", a, "```", ""]
     out = Path(run_dir)/"report.md"
     out.write_text("\n".join(parts), encoding="utf-8")
