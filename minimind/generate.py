@@ -162,7 +162,9 @@ def generate_tokens(model:MiniMindForCausalLM, # the model (eval mode)
                     seed:int|None=None, # shorthand for a fresh generator with this seed
                    )->Iterator[torch.Tensor]: # one (B,) tensor of new token ids per step
     "The generation loop as an iterator: prefill, then one cached decode step per new token."
-    c, dev = model.config, input_ids.device
+    c, dev = model.config, model.lm_head.weight.device
+    input_ids = input_ids.to(dev)  # a prompt built on the CPU follows the model to its GPU
+    if attention_mask is not None: attention_mask = attention_mask.to(dev)
     B, T = input_ids.shape
     n_new = min(max_new_tokens, c.max_position_embeddings - T)
     if n_new <= 0: return
@@ -199,6 +201,7 @@ def generate(model:MiniMindForCausalLM, # the model (eval mode)
             )->torch.Tensor: # (B, T + n) prompt and new tokens; `pad_id` after a row's stop token
     "Generate continuations of a batch of prompts; returns the prompts with their new tokens appended."
     new = list(generate_tokens(model, input_ids, attention_mask, max_new_tokens, **kwargs))
+    input_ids = input_ids.to(model.lm_head.weight.device)
     return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()
 
 # %% ../nbs/02b_generate.ipynb #9f009021
