@@ -46,7 +46,8 @@ def amp_dtype(name:str, # "auto", "fp32", "bf16" or "fp16"
     "The compute dtype for `name` on `device`; `auto` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 elsewhere."
     if name == "auto":
         if device.type != "cuda": return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # (bf16 in hardware: a T4 would emulate it, slower than fp16)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if name not in AMP_DTYPES: raise ValueError(f"dtype {name!r}: expected one of auto, {', '.join(AMP_DTYPES)}")
     return AMP_DTYPES[name]
 

@@ -246,7 +246,7 @@ class OneDNNLinear(torch.autograd.Function):
         if dy.shape[1] > x.shape[1]: return dx, onednn_mm_t(x.t(), dy.t()).t()          # (N, K) = (x.T @ dy).T
         return dx, onednn_mm_t(dy.t(), x.t())                                           # (N, K) = dy.T @ x
 
-# %% ../nbs/02_model.ipynb #d034ba7f
+# %% ../nbs/02_model.ipynb #29e8bf9e
 def linear(x:torch.Tensor, # (..., K)
            w:torch.Tensor, # (N, K)
            b:torch.Tensor|None=None, # (N,) or None

@@ -292,5 +292,5 @@ def test_book_setup_says_where_a_chapter_ran_and_shrinks_it_under_nbdev_test(mon
         torch.set_num_threads(threads)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA GeForce RTX 3090")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a T4: fp16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a T4: emulated only
     assert compute.machine_line(torch.device("cuda:0")).endswith("cuda:0: NVIDIA GeForce RTX 3090 · dtype float16")
