@@ -13,7 +13,8 @@ ROWS = [  # (label, boxes): a box is (name, chapters it lights)
         ("int8 decode", "02d_decode_speed"), ("MoE", "03_moe"), ("token shards", "04a_shards"), ("compute", "04b0_compute"),
         ("engine", "04b_engine"), ("runs", "89_runs")]),
     ("using a model, and the command line", [("chat", "10_chat"), ("API formats", "10b_api"), ("serve", "11_serve"),
-        ("eval", "12_eval"), ("bench", "95_bench"), ("CLI", "90_cli")]),
+        ("eval", "12_eval"), ("harness", "12b_harness"), ("bench", "95_bench"), ("estimates", "95b_estimate"),
+        ("CLI", "90_cli")]),
 ]
 W, H, GAP, X0 = 72, 26, 6, 10  # box width and height, gap, left margin
 

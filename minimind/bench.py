@@ -6,13 +6,12 @@ Docs: https://minimind-book.github.io/minimind/bench.html.md"""
 
 # %% auto #0
 __all__ = ['UPSTREAM', 'CHOSEN', 'DECODE_HELP', 'DECODE_DESCRIPTION', 'DENSE_PRESETS', 'TRAIN_HELP', 'TRAIN_DESCRIPTION',
-           'SUBCOMMANDS', 'GPUS', 'ESTIMATE_LABEL', 'linear_weights', 'stacked_weights', 'matmul_pass_seconds',
-           'random_prompt', 'decode_step_seconds', 'StepClock', 'transformers_peer', 'peer_step_seconds',
-           'measure_decode', 'token_windows', 'perplexity', 'tinyworld_tok', 'pretrain_tinyworld', 'tinyworld_lm',
-           'decode_report', 'format_decode_report', 'random_batches', 'engine_trainer', 'load_upstream',
-           'upstream_model', 'upstream_step', 'on_compute', 'step_seconds', 'engine_row', 'train_steps', 'train_report',
-           'format_train_report', 'main', 'GPU', 'gpu_named', 'saved_activation_bytes', 'activation_fit', 'as_config',
-           'meta_model', 'estimate_run', 'duration', 'estimate_table']
+           'SUBCOMMANDS', 'linear_weights', 'stacked_weights', 'matmul_pass_seconds', 'random_prompt',
+           'decode_step_seconds', 'StepClock', 'transformers_peer', 'peer_step_seconds', 'measure_decode',
+           'token_windows', 'perplexity', 'tinyworld_tok', 'pretrain_tinyworld', 'tinyworld_lm', 'decode_report',
+           'format_decode_report', 'random_batches', 'engine_trainer', 'load_upstream', 'upstream_model',
+           'upstream_step', 'on_compute', 'step_seconds', 'engine_row', 'train_steps', 'train_report',
+           'format_train_report', 'main']
 
 # %% ../nbs/95_bench.ipynb #7df13208
 import argparse
@@ -27,7 +26,6 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext, redirect_stdout
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -496,121 +494,3 @@ def main(argv:list[str]|None=None, # command-line arguments (default: `sys.argv[
 
 # %% ../nbs/95_bench.ipynb #0e36eaba
 if __name__ == "__main__" and "__file__" in globals(): main()
-
-# %% ../nbs/95_bench.ipynb #8b805b03
-@dataclass(frozen=True)
-class GPU:
-    "A GPU as its datasheet gives it: memory, and the dense peak of matrix products in the dtype the engine trains in there."
-    name: str
-    memory_gib: float  # memory (these cards' GB are GiB: 2**30 bytes)
-    peak_flops: float  # dense (not sparse) tensor-core FLOP/s in `dtype`
-    dtype: str  # what `--dtype auto` picks there: "bf16", or "fp16" (with a gradient scaler) without bf16
-
-GPUS = {g.name: g for g in (GPU("T4", 16, 65e12, "fp16"), GPU("RTX 3090", 24, 71e12, "bf16"),
-                            GPU("A100 80GB", 80, 312e12, "bf16"), GPU("H100 SXM", 80, 989e12, "bf16"))}
-
-def gpu_named(gpu:str|GPU, # a name in `GPUS`, or a `GPU` of your own
-             )->GPU:
-    "The GPU `gpu` names."
-    if isinstance(gpu, GPU): return gpu
-    if gpu not in GPUS: raise ValueError(f"unknown GPU {gpu!r}: expected one of {', '.join(GPUS)}, or a GPU(name, memory_gib, peak_flops, dtype)")
-    return GPUS[gpu]
-
-# %% ../nbs/95_bench.ipynb #08ce0dfb
-def saved_activation_bytes(model:torch.nn.Module, # a MiniMind model on the CPU, in training mode
-                           batch:int, seq_len:int, # rows B and tokens per row T
-                           dtype:torch.dtype=torch.bfloat16, # the autocast dtype
-                          )->int: # bytes
-    "What autograd keeps for the backward pass of a forward and `causal_lm_loss` on random tokens: each saved storage once, parameters excluded."
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-    def keep(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params: saved[s.data_ptr()] = s.nbytes()
-        return t
-    (rows,) = random_batches(model.config.vocab_size, batch, seq_len, n=1)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), Compute(dtype).context(torch.device("cpu")):
-        loss, _ = causal_lm_loss(model, rows)  # every saved tensor lives as long as `loss`'s graph
-    return sum(saved.values())
-
-_ACTIVATION_FITS = {}
-
-def activation_fit(config:MiniMindConfig, # the model's settings
-                   seq_len:int=64, # tokens per row of the two measurements
-                  )->tuple[float, float]: # (fixed bytes, bytes per token)
-    "Activation memory of `config`'s model in bf16 autocast as fixed + per token, measured at 1 and 2 rows (cached)."
-    key = json.dumps(config.to_dict(), sort_keys=True, default=str), seq_len
-    if key not in _ACTIVATION_FITS:
-        torch.manual_seed(0)
-        model = MiniMindForCausalLM(config).train()
-        one, two = (saved_activation_bytes(model, b, seq_len) for b in (1, 2))
-        per_token = (two - one) / seq_len
-        _ACTIVATION_FITS[key] = (one - per_token * seq_len, per_token)
-    return _ACTIVATION_FITS[key]
-
-# %% ../nbs/95_bench.ipynb #50eca24f
-def as_config(config:MiniMindConfig|str)->MiniMindConfig: # `config`, or the preset it names
-    return MiniMindConfig.from_preset(config) if isinstance(config, str) else config
-
-def meta_model(config:MiniMindConfig|str, # settings, or a preset name
-              )->MiniMindForCausalLM: # its sizes, no memory
-    "The model on the meta device, to count its parameters and FLOPs."
-    with torch.device("meta"): return MiniMindForCausalLM(as_config(config))
-
-def estimate_run(config:MiniMindConfig|str, # the model trained (or its preset's name)
-                 tokens:float, # tokens the run reads, all epochs, all GPUs together
-                 seq_len:int, # tokens per row
-                 micro_batch:int, # rows per forward/backward on one GPU
-                 gpu:str|GPU="RTX 3090", # a name in `GPUS`, or a `GPU`
-                 n_gpus:int=1, # processes under torchrun, one per GPU (ideal scaling)
-                 mfu:float=0.35, # the assumed fraction of the GPU's peak
-                 adapters:int=0, # LoRA: the adapters' parameters, the only ones trained
-                 passes:float=1, # forward+backward passes per token (GRPO: --ppo-steps)
-                 forward_passes:float=0, # forward-only passes per token of the trained model (a cached DPO reference; rollouts)
-                 frozen:MiniMindConfig|str|None=None, # a frozen model that reads every token once (a teacher; GRPO's reference)
-                )->dict: # {"seconds", "flops", "memory": {part: bytes per GPU}, "total", "fits", ...}
-    "Time and memory per GPU of a training run, estimated from FLOPs at an assumed MFU and from activations measured on the CPU."
-    g, model = gpu_named(gpu), meta_model(config)
-    n, fpt = model.num_parameters(), flops_per_token(model, seq_len)
-    trained = adapters or n
-    flops = tokens * fpt * ((2 / 3 if adapters else 1) * passes + forward_passes / 3)  # a forward pass is a third of 6N
-    fixed, per_token = activation_fit(as_config(config))
-    memory = {"states": 16 * trained + (4 * n if adapters else 0) + (4 * trained if n_gpus > 1 else 0),
-              "activations": fixed + per_token * micro_batch * seq_len}
-    if frozen is not None:
-        f = meta_model(frozen)
-        flops += tokens * flops_per_token(f, seq_len) / 3
-        memory["frozen model"] = 4 * f.num_parameters() + 6 * micro_batch * seq_len * f.config.vocab_size  # its logits in bf16 and fp32
-    total = sum(memory.values())
-    return {"gpu": g.name, "n_gpus": n_gpus, "micro_batch": micro_batch, "mfu": mfu, "flops": flops,
-            "seconds": flops / (g.peak_flops * mfu * n_gpus), "memory": memory, "total": total,
-            "fits": total <= g.memory_gib * 2**30}
-
-# %% ../nbs/95_bench.ipynb #4b829708
-ESTIMATE_LABEL = "Estimate (FLOPs at an assumed {mfu:.0%} MFU), not measured on a GPU"
-
-def duration(seconds:float)->str: # "3.2 h", "25 min", "40 s" or "under 1 s"
-    if seconds < 1: return "under 1 s"
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-def estimate_table(config:MiniMindConfig|str, # the model trained (or its preset's name)
-                   tokens:float, seq_len:int, # as in `estimate_run`
-                   micro_batch:int, # rows per GPU on one GPU
-                   ddp_micro_batch:int|None=None, # rows per GPU under torchrun (default: `micro_batch`)
-                   mfu:float=0.35, # the assumed MFU
-                   **kw, # the rest of `estimate_run`'s arguments
-                  )->str: # a Markdown table and notes
-    "The run's estimated time and memory on a T4, a 3090, an A100, and 8 A100s or H100s under torchrun."
-    runs = [("T4", 1), ("RTX 3090", 1), ("A100 80GB", 1), ("A100 80GB", 8), ("H100 SXM", 8)]
-    rows = [estimate_run(config, tokens, seq_len, micro_batch if k == 1 else ddp_micro_batch or micro_batch, g, k, mfu, **kw)
-            for g, k in runs]
-    lines = [ESTIMATE_LABEL.format(mfu=mfu) + "; training steps only (no start-up, evaluation or checkpoints); "
-             "8 GPUs assume ideal scaling.", "",
-             "| GPUs | rows per GPU | time | memory per GPU | fits |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['n_gpus']} x {r['gpu']} | {r['micro_batch']} | {duration(r['seconds'])} | "
-                     f"{r['total'] / 2**30:.1f} GiB | {'yes' if r['fits'] else 'no'} |")
-    one = rows[1]
-    lines.append(f"\n{tokens / 1e6:,.0f}M tokens of {seq_len}, {one['flops'] / 1e15:,.3g} PFLOP in all; memory on one GPU: "
-                 + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in one["memory"].items()) + ".")
-    return "\n".join(lines)
