@@ -16,5 +16,5 @@ setup(
     install_requires=cfg["requirements"].split(),
     extras_require={"dev": cfg["dev_requirements"].split()},
     keywords=cfg["keywords"].split(),
-    package_data={"minimind": ["static/*"]},  # the server's chat page (html, css, js)
+    package_data={"minimind": ["static/*"]},  # the server's chat page (html, css, js), lm-eval's exam subject names
 )
