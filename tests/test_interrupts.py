@@ -96,7 +96,7 @@ def pipeline(tmp_path_factory):
 
 def test_a_second_pipeline_run_skips_every_stage(pipeline):
     run, first = pipeline
-    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name not in ("report.md", "curves.png")}
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name not in ("report.md", "curves.png", "seconds.png")}
     again = run_cli("--quick", "--run-dir", run)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count(", skipped") == len(PIPELINE) and table(again.stdout) == first
