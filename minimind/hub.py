@@ -10,8 +10,8 @@ __all__ = ['WEIGHT_FILES', 'WRAPPER_PREFIXES', 'HF_ARCHITECTURES', 'HF_FIELDS', 
            'GGUF_YARN', 'PRE_TOKENIZERS', 'GGUF_READ_TYPES', 'read_state_dict', 'model_problem', 'save_pth',
            'WeightsError', 'expected_shapes', 'check_state_dict', 'infer_preset', 'model_from_state_dict', 'load_model',
            'hf_layout', 'config_to_hf', 'hf_to_config', 'export_hf', 'gguf_arch', 'gguf_config', 'rope_interleave',
-           'rope_deinterleave', 'gguf_tensors', 'llama_cpp_pre', 'gguf_vocab', 'ollama_modelfile', 'export_gguf',
-           'read_gguf', 'gguf_to_config', 'load_gguf', 'gguf_command', 'main']
+           'rope_deinterleave', 'rope_heads', 'gguf_tensors', 'llama_cpp_pre', 'gguf_vocab', 'ollama_modelfile',
+           'export_gguf', 'read_gguf', 'gguf_to_config', 'load_gguf', 'gguf_command', 'main']
 
 # %% ../nbs/02c_weights.ipynb #201fb3fb
 import json
@@ -332,6 +332,13 @@ def rope_deinterleave(w:torch.Tensor, # rows in `rope_interleave`'s order
     "Undo `rope_interleave`: adjacent pairs (2i, 2i+1) back to rotate-half pairs (i, i+d/2)."
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
+def rope_heads(key:str, # a state-dict name
+               config:MiniMindConfig, # model settings
+              )->int|None: # the heads in its rows; None: not a tensor that RoPE rotates
+    "How many heads a q_proj or k_proj weight holds (query heads, or key/value heads); None for every other tensor."
+    if key.endswith("q_proj.weight"): return config.num_attention_heads
+    return config.num_key_value_heads if key.endswith("k_proj.weight") else None
+
 # %% ../nbs/02c_weights.ipynb #0b05a539
 def gguf_tensors(model:MiniMindForCausalLM, # a dense model
                  dtype:torch.dtype=torch.float32, # float32, float16 or bfloat16 for matrices; vectors stay float32
@@ -343,8 +350,7 @@ def gguf_tensors(model:MiniMindForCausalLM, # a dense model
     for k, v in model.state_dict().items():
         if k == "lm_head.weight" and c.tie_word_embeddings: continue  # no output.weight: llama.cpp reuses token_embd
         v = v.detach().cpu()
-        if arch == "llama" and k.endswith(("q_proj.weight", "k_proj.weight")):
-            v = rope_interleave(v, c.num_attention_heads if "q_proj" in k else c.num_key_value_heads)
+        if arch == "llama" and (heads := rope_heads(k, c)): v = rope_interleave(v, heads)
         out[names.get_name(k, try_suffixes=(".weight",))] = v.to(dtype if v.dim() > 1 else torch.float32).contiguous()
     return out
 
@@ -475,8 +481,7 @@ def load_gguf(path:str|Path, # a .gguf file (llama or qwen3; F32, F16 or BF16 te
     sd = {ours[t.name]: _tensor(t, path) for t in reader.tensors}
     check_state_dict(sd, config, path, what)  # shapes first: rows are reordered only where they fit
     if arch == "llama":
-        sd = {k: rope_deinterleave(v, config.num_attention_heads if "q_proj" in k else config.num_key_value_heads)
-              if k.endswith(("q_proj.weight", "k_proj.weight")) else v for k, v in sd.items()}
+        sd = {k: rope_deinterleave(v, heads) if (heads := rope_heads(k, config)) else v for k, v in sd.items()}
     return model_from_state_dict(sd, config, path, what, dtype, device)
 
 # %% ../nbs/02c_weights.ipynb #a9456ee1

@@ -203,8 +203,8 @@ def done_rows(run_dir:Path, # a run folder
               stages:list[str]|None=None, # which stages, in order (default: every `PIPELINE` stage that is done)
              )->list[tuple[str, float, dict]]: # (stage, seconds, numbers) per stage, as `run_pipeline` returns them
     "The rows of a run's stages, read from their `done.json`."
-    names = stages or [s.name for s in PIPELINE if read_done(Path(run_dir)/s.name)]
-    return [(n, (d := read_done(Path(run_dir)/n))["seconds"], d["numbers"]) for n in names]
+    done = {n: read_done(Path(run_dir)/n) for n in stages or [s.name for s in PIPELINE]}
+    return [(n, d["seconds"], d["numbers"]) for n, d in done.items() if d or stages]
 
 def write_report(run_dir:Path, # the run folder
                  rows:list[tuple[str, float, dict]], # (stage, seconds, numbers) per stage
